@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .advantages import group_advantages
+from .config import ConfigError, TrainConfig
 from .losses import (
     LOG_RATIO_CLAMP,
     PolicyLossInputs,
@@ -10,6 +11,7 @@ from .losses import (
     PolicyLossSettings,
     TokenLoss,
     aggregate,
+    aggregation_denominator,
     available_aggregations,
     available_policy_losses,
     hard_gate,
@@ -24,7 +26,22 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
+
+
+def __getattr__(name: str):
+    # The trainer pulls in transformers and accelerate: import it only when asked for.
+    if name in ("Trainer", "train"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'sapo' has no attribute {name!r}")
+
+
 __all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "Trainer",
+    "train",
     "LOG_RATIO_CLAMP",
     "PolicyLossInputs",
     "PolicyLossOutput",
@@ -32,6 +49,7 @@ __all__ = [
     "TokenLoss",
     "__version__",
     "aggregate",
+    "aggregation_denominator",
     "available_aggregations",
     "available_policy_losses",
     "group_advantages",

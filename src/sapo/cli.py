@@ -20,6 +20,28 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, TrainConfig, field_docs
+    from .rewards import RewardError
+
+    if args.help_config:
+        defaults = TrainConfig().to_dict()
+        for name, doc in field_docs().items():
+            print(f"{name} = {defaults[name]!r}\n    {doc}")
+        return 0
+    items = list(args.args)
+    path = items.pop(0) if items and "=" not in items[0] else None
+    try:
+        config = TrainConfig.from_sources(path, items)
+        from .trainer import Trainer
+
+        Trainer(config).train()
+    except (ConfigError, RewardError) as err:
+        print(f"sapo train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -31,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     losses = sub.add_parser("losses", help="list the registered policy objectives and aggregations")
     losses.set_defaults(func=_cmd_losses)
+    train = sub.add_parser("train", help="train a model with SAPO / GRPO / GSPO",
+                           description="sapo train [CONFIG.yaml] [key=value ...]: fields of the YAML file, "
+                           "overridden by key=value pairs. --help-config lists every field.")
+    train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+    train.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -41,3 +41,24 @@ def test_modes_split_over_sequence_blocks_like_a_batch(B, T, seed, G):
         whole = sapo.aggregate(loss, mask, mode, max_tokens=T)
         parts = [sapo.aggregate(loss[i * B:(i + 1) * B], mask[i * B:(i + 1) * B], mode, max_tokens=T) for i in range(G)]
         assert whole.item() == pytest.approx(torch.stack(parts).mean().item(), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("aggregation", sapo.available_aggregations())
+@pytest.mark.parametrize("loss_type", ["sapo", "grpo", "gspo"])
+def test_micro_batches_with_the_minibatch_denominator_give_the_whole_batch_gradient(aggregation, loss_type):
+    gen = torch.Generator().manual_seed(0)
+    B, T = 6, 5
+    logp = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    old = logp + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(B, T, generator=gen) > 0.3).double()
+    kw = dict(loss_type=loss_type, aggregation=aggregation, max_tokens=T)
+
+    whole = logp.clone().requires_grad_()
+    sapo.policy_loss(whole, old, adv, mask, **kw).loss.backward()
+
+    parts = logp.clone().requires_grad_()
+    denominator = sapo.aggregation_denominator(aggregation, mask)
+    for idx in ([0], [1, 2, 3], [4, 5]):
+        sapo.policy_loss(parts[idx], old[idx], adv[idx], mask[idx], denominator=denominator, **kw).loss.backward()
+    torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-12, atol=1e-14)

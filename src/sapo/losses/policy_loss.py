@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .aggregation import check_aggregation
+from .aggregation import aggregate, check_aggregation
 from .registry import (
     PolicyLossInputs,
     PolicyLossSettings,
@@ -83,18 +83,21 @@ def _check_inputs(
     if not isinstance(advantages, Tensor) or tuple(advantages.shape) not in (shape[:1], shape):
         got = tuple(advantages.shape) if isinstance(advantages, Tensor) else type(advantages).__name__
         raise ValueError(f"advantages must have shape (B,) = {shape[:1]} or (B, T) = {shape}, got {got}")
-    for name in ("tau_pos", "tau_neg"):
-        value = getattr(settings, name)
+    check_settings(settings.tau_pos, settings.tau_neg, settings.epsilon, settings.epsilon_high, beta)
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(f"beta={beta} adds a KL penalty to a reference policy: pass ref_logprobs, or set beta=0")
+
+
+def check_settings(tau_pos: float, tau_neg: float, epsilon: float | None, epsilon_high: float | None, beta: float) -> None:
+    """Raise ValueError naming the first setting out of range (shared with TrainConfig.validate)."""
+    for name, value in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
         if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
             raise ValueError(f"{name} must be a positive finite number (the paper uses 1.0 and 1.05), got {value!r}")
-    for name in ("epsilon", "epsilon_high"):
-        value = getattr(settings, name)
+    for name, value in (("epsilon", epsilon), ("epsilon_high", epsilon_high)):
         if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
             raise ValueError(f"{name} must be a non-negative number or None for the loss type's default, got {value!r}")
     if not (isinstance(beta, (int, float)) and 0 <= beta < float("inf")):
         raise ValueError(f"beta must be a non-negative number (0 disables the KL term), got {beta!r}")
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError(f"beta={beta} adds a KL penalty to a reference policy: pass ref_logprobs, or set beta=0")
 
 
 def policy_loss(
@@ -113,6 +116,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     beta: float = 0.0,
     importance_weights: Tensor | None = None,
+    denominator: float | Tensor | None = None,
 ) -> PolicyLossOutput:
     """The policy-gradient loss of a batch of sampled responses.
 
@@ -129,6 +133,9 @@ def policy_loss(
         ref_logprobs, beta: beta > 0 adds beta * k3 KL to the reference policy per token.
         importance_weights: (B, T) constants multiplying each token's policy term (train /
             inference mismatch correction), before the KL term is added.
+        denominator: when this batch is one micro-batch of a larger one, the larger one's
+            `sapo.aggregation_denominator` (summed over micro-batches), so that the accumulated
+            gradient equals that of the whole batch. None: this batch's own.
 
     old_logprobs, advantages, ref_logprobs and importance_weights are treated as constants.
     Computation is in float32 (float64 if logprobs is float64) whatever the input dtype.
@@ -136,7 +143,7 @@ def policy_loss(
     settings = PolicyLossSettings(tau_pos=tau_pos, tau_neg=tau_neg, epsilon=epsilon, epsilon_high=epsilon_high)
     _check_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, importance_weights, settings, beta)
     objective = get_policy_loss(loss_type)
-    aggregate = check_aggregation(aggregation, max_tokens)
+    check_aggregation(aggregation, max_tokens)
 
     dtype = _compute_dtype(logprobs)
     valid_BT = mask != 0
@@ -178,7 +185,7 @@ def policy_loss(
         metrics["kl/mean"] = masked_mean(kl_BT.detach(), mask_BT)
         metrics["kl/max"] = masked_extreme(kl_BT.detach(), mask_BT, largest=True, empty=0.0)
 
-    loss = aggregate(per_token_BT, mask_BT, max_tokens)
+    loss = aggregate(per_token_BT, mask_BT, aggregation, max_tokens=max_tokens, denominator=denominator)
     metrics.update(token.metrics)
     return PolicyLossOutput(loss=loss, metrics=_to_floats(metrics))
 

@@ -1,0 +1,273 @@
+"""`TrainConfig`: every knob of a run, with TRL's names where the meaning is the same.
+
+Loaded from YAML, overridden by `key=value` strings, checked up front by `validate()` so a
+mistake is an error naming the field and the fix before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .advantages import SCALES
+from .losses import available_aggregations, available_policy_losses
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+REPORTERS = ("jsonl", "tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem, with a message that names the field and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    # --- model and data ---
+    model: str = ""
+    """Local path of a Hugging Face causal LM directory (anything AutoModelForCausalLM loads)."""
+    dataset: str = ""
+    """A local .jsonl, .json or .parquet file with a `prompt` column, or a built-in task name."""
+    eval_dataset: str | None = None
+    """Held-out prompts in the same format, scored every `eval_steps`; None: no evaluation."""
+    reward_funcs: list[str] = field(default_factory=list)
+    """Reward functions: "path/to/file.py:function", "package.module:function" or built-in names."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function; None weighs them all 1.0."""
+    skip_reward_errors: bool = False
+    """If a reward function raises: False stops the run naming it and the sample; True scores the
+    sample as 'does not apply' (advantage 0) and counts it in `rewards/errors`."""
+    filter_overlong_prompts: bool = False
+    """Drop prompts longer than `max_prompt_length` tokens instead of stopping with an error."""
+
+    # --- rollout ---
+    num_generations: int = 8
+    """G: responses sampled per prompt (the group of the group-relative advantage); at least 2."""
+    prompts_per_step: int = 8
+    """Prompts per rollout batch; the batch holds prompts_per_step * num_generations responses."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens (see `filter_overlong_prompts`)."""
+    max_completion_length: int = 256
+    """Most tokens sampled per response; a response that reaches it without EOS is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probabilities are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+
+    # --- policy update ---
+    num_minibatches: int = 4
+    """Optimizer steps per rollout batch (the paper uses 4): minibatches after the first are off-policy."""
+    num_iterations: int = 1
+    """Passes over each rollout batch (TRL's num_iterations, PPO epochs)."""
+    micro_batch_size: int = 8
+    """Responses per forward/backward pass; gradients are accumulated so the update does not depend on it."""
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW."""
+    lr_scheduler: str = "constant"
+    """"constant", "linear" or "cosine" decay after warmup, over max_steps * optimizer steps per step."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping; the norm is still logged)."""
+    loss_type: str = "sapo"
+    """Policy objective: "sapo", "grpo", "gspo" or a registered custom one."""
+    tau_pos: float = 1.0
+    """SAPO gate temperature for positive advantages."""
+    tau_neg: float = 1.05
+    """SAPO gate temperature for non-positive advantages (larger damps faster)."""
+    epsilon: float | None = None
+    """Lower clip width for grpo/gspo; None: 0.2 (grpo), 3e-4 (gspo)."""
+    epsilon_high: float | None = None
+    """Upper clip width for grpo/gspo; None: epsilon (grpo), 4e-4 (gspo)."""
+    beta: float = 0.0
+    """KL coefficient to the frozen initial model (k3 estimator); 0 loads no reference model."""
+    scale_rewards: str = "group"
+    """Advantage scaling: "group" (GRPO), "batch" or "none" (Dr. GRPO)."""
+    aggregation: str = "seq-mean-token-mean"
+    """Token aggregation: "seq-mean-token-mean" (the paper's), "token-mean", "seq-mean-token-sum",
+    "seq-mean-token-sum-norm" (divides by max_completion_length)."""
+    mask_truncated_completions: bool = False
+    """Leave responses that hit max_completion_length out of the loss (they still get rewards)."""
+
+    # --- run ---
+    max_steps: int = 100
+    """Rollout steps (each: one rollout batch and num_minibatches * num_iterations optimizer steps)."""
+    eval_steps: int = 0
+    """Evaluate on eval_dataset every this many steps and at the end (0: only at the end, if set)."""
+    eval_num_generations: int = 1
+    """Samples per eval prompt (at the training temperature); their mean reward is eval/reward."""
+    save_steps: int = 0
+    """Write a checkpoint every this many steps (0: only at the end)."""
+    save_total_limit: int | None = None
+    """Keep only the newest this many checkpoints (None: keep all)."""
+    resume_from_checkpoint: str | None = None
+    """"latest" (the newest checkpoint in output_dir, if any) or a checkpoint directory."""
+    output_dir: str = "outputs/run"
+    """Where metrics, sampled completions and checkpoints go."""
+    seed: int = 0
+    """Seeds data order, sampling and minibatch shuffles: a run is reproducible."""
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Loggers: "jsonl" (always on), "tensorboard", "wandb" (optional extras)."""
+    log_completions: int = 4
+    """Responses per step written to completions.jsonl."""
+    dtype: str = "auto"
+    """Model weights: "auto" (float32 on CPU, bfloat16 on GPUs that support it), "float32",
+    "bfloat16", "float16". The objective is always computed in float32."""
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_sources(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "TrainConfig":
+        """A YAML file (optional) with `key=value` overrides applied on top."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
+            values.update(loaded)
+        for item in overrides or []:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} is not key=value (e.g. loss_type=grpo)")
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+                hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ConfigError(f"unknown config field(s): {', '.join(hints)}. `sapo train --help-config` lists them all.")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ---------------------------------------------------------------- checks
+    def validate(self) -> "TrainConfig":
+        """Check what can be checked without loading anything; raises ConfigError."""
+        need = []
+        if not self.model:
+            need.append("model (a local model directory)")
+        if not self.dataset:
+            need.append("dataset (a .jsonl/.json/.parquet file or a built-in task)")
+        if not self.reward_funcs:
+            need.append("reward_funcs (at least one reward function)")
+        if need:
+            raise ConfigError("missing required field(s): " + "; ".join(need))
+        _require(self.num_generations >= 2, "num_generations", self.num_generations,
+                 "must be at least 2: a group of one has no relative advantage")
+        for name in ("prompts_per_step", "max_prompt_length", "max_completion_length", "num_minibatches",
+                     "num_iterations", "micro_batch_size", "max_steps", "eval_num_generations"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "must be a positive integer")
+        for name in ("eval_steps", "save_steps", "warmup_steps", "log_completions"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        batch = self.prompts_per_step * self.num_generations
+        _require(batch % self.num_minibatches == 0, "num_minibatches", self.num_minibatches,
+                 f"must divide the rollout batch prompts_per_step * num_generations = {batch}")
+        _require(self.temperature > 0 and math.isfinite(self.temperature), "temperature", self.temperature,
+                 "must be a positive number")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        _require(self.learning_rate >= 0, "learning_rate", self.learning_rate, "must be >= 0")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables clipping)")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
+                 self.save_total_limit, "must be None or >= 1")
+        _choice("loss_type", self.loss_type, available_policy_losses())
+        _choice("aggregation", self.aggregation, available_aggregations())
+        _choice("scale_rewards", self.scale_rewards, SCALES)
+        _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _choice("dtype", self.dtype, DTYPES)
+        for reporter in self.report_to:
+            _choice("report_to", reporter, REPORTERS)
+        from .losses.policy_loss import check_settings
+
+        try:
+            check_settings(self.tau_pos, self.tau_neg, self.epsilon, self.epsilon_high, self.beta)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.reward_weights is not None:
+            _require(len(self.reward_weights) == len(self.reward_funcs), "reward_weights", self.reward_weights,
+                     f"needs one weight per reward function ({len(self.reward_funcs)})")
+        if not Path(self.model).exists():
+            raise ConfigError(f"model={self.model!r}: no such local path. sapo-rl loads models from disk; "
+                              "point it at a directory saved with save_pretrained")
+        return self
+
+
+def _require(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} {why}")
+
+
+def _choice(name: str, value: Any, choices: Any) -> None:
+    choices = list(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{name}={value!r} is not one of {choices}.{hint}")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check a loaded value against the field's type; ints become floats where floats are wanted."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{name} cannot be empty (null)")
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]  # reward_funcs=my.py:f or report_to=tensorboard on the command line
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [_coerce(name, v, args[0]) for v in value]
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """The docstring under each field, read from the source (dataclasses keep no field docs)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs

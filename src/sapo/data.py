@@ -1,0 +1,115 @@
+"""Prompts: loading TRL-style rows, rendering them to token ids, and which prompts each step uses."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def load_rows(spec: str, *, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl / .json / .parquet file, or of a built-in task."""
+    from .tasks import available_tasks, get_task
+
+    path = Path(spec)
+    if path.suffix in FILE_FORMATS:
+        if not path.is_file():
+            raise ConfigError(f"dataset file {spec!r} does not exist")
+        import datasets
+
+        try:
+            table = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:
+            raise ConfigError(f"could not read dataset {spec!r}: {type(err).__name__}: {err}") from err
+        return table.to_list()
+    if spec in available_tasks():
+        return get_task(spec).load(split, seed)
+    raise ConfigError(f"dataset={spec!r} is neither a .jsonl/.json/.parquet file nor a built-in task "
+                      f"(built-in: {available_tasks()})")
+
+
+def is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+
+
+@dataclass
+class PromptSet:
+    """Rows whose prompts have been rendered and tokenised, ready for rollouts."""
+
+    rows: list[dict[str, Any]]
+    prompt_ids: list[list[int]]
+    conversational: bool
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def columns(self, indices: list[int]) -> dict[str, list]:
+        """Every column but `prompt`, for the given rows: keyword arguments of the reward functions."""
+        names = [k for k in self.rows[0] if k != "prompt"] if self.rows else []
+        return {k: [self.rows[i].get(k) for i in indices] for k in names}
+
+
+def prepare_prompts(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length: int, filter_overlong: bool,
+                    name: str = "dataset") -> PromptSet:
+    if not rows:
+        raise ConfigError(f"{name} has no rows")
+    if "prompt" not in rows[0]:
+        raise ConfigError(f"{name} has no 'prompt' column (columns: {sorted(rows[0])}); rename the column that "
+                          "holds the prompt text or messages to 'prompt'")
+    conversational = is_conversational(rows[0]["prompt"])
+    texts = []
+    for i, row in enumerate(rows):
+        prompt = row.get("prompt")
+        if conversational != is_conversational(prompt) or not (conversational or isinstance(prompt, str)):
+            raise ConfigError(f"{name} row {i}: 'prompt' must be a string in every row, or a list of "
+                              f"{{'role', 'content'}} messages in every row; got {type(prompt).__name__}")
+        if conversational:
+            if tokenizer.chat_template is None:
+                raise ConfigError(f"{name} is conversational but the tokenizer has no chat template")
+            texts.append(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
+        else:
+            texts.append(prompt)
+    # Templates already carry their special tokens, so none are added (as TRL does).
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
+    if too_long and not filter_overlong:
+        examples = ", ".join(f"row {i} ({len(ids[i])} tokens)" for i in too_long[:5])
+        raise ConfigError(
+            f"{len(too_long)} of {len(rows)} prompts in {name} are longer than max_prompt_length={max_prompt_length} "
+            f"tokens: {examples}{', ...' if len(too_long) > 5 else ''}. Raise max_prompt_length or set "
+            "filter_overlong_prompts=true to drop them"
+        )
+    keep = [i for i in range(len(rows)) if i not in set(too_long)]
+    if not keep:
+        raise ConfigError(f"every prompt in {name} is longer than max_prompt_length={max_prompt_length}")
+    return PromptSet([rows[i] for i in keep], [ids[i] for i in keep], conversational)
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts: the same parts give the same seed on every process and run."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def prompts_for_step(step: int, prompts_per_step: int, num_rows: int, seed: int) -> list[int]:
+    """Row indices of a step: consecutive slices of a fresh shuffle of the rows each epoch. A
+    function of the step alone, so a resumed run continues exactly where it stopped."""
+    out = []
+    for position in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+        epoch, offset = divmod(position, num_rows)
+        out.append(_epoch_order(seed, epoch, num_rows)[offset])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_rows: int) -> list[int]:
+    generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
+    return torch.randperm(num_rows, generator=generator).tolist()

@@ -1,0 +1,195 @@
+"""Reward functions with TRL's signature, `f(prompts, completions, **kwargs) -> list[float | None]`:
+loading them by name or path, and scoring a batch with several of them."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import ConfigError
+
+RewardFunc = Callable[..., list]
+_BUILTIN: dict[str, RewardFunc] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFunc], RewardFunc]:
+    """Make a reward function available by name in `reward_funcs`."""
+
+    def decorator(fn: RewardFunc) -> RewardFunc:
+        _BUILTIN[name] = fn
+        return fn
+
+    return decorator
+
+
+def available_rewards() -> list[str]:
+    return sorted(_BUILTIN)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or the content of a conversational message list."""
+    if isinstance(completion, list):
+        return "".join(str(m.get("content", "")) for m in completion)
+    return str(completion)
+
+
+@register_reward("exact_match")
+def exact_match(prompts: list, completions: list, answer: list, **kwargs) -> list[float | None]:
+    """1.0 when the completion, stripped, equals the row's `answer` column, stripped; else 0.0."""
+    return [None if a is None else float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+@dataclass(frozen=True)
+class NamedReward:
+    name: str
+    fn: RewardFunc
+
+
+def load_reward_function(spec: str) -> NamedReward:
+    """A built-in name, "path/to/file.py:function" or "package.module:function"."""
+    if spec in _BUILTIN:
+        return NamedReward(spec, _BUILTIN[spec])
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise ConfigError(f"reward_funcs: {spec!r} is not a built-in reward ({available_rewards()}) nor "
+                          "'path/to/file.py:function' nor 'package.module:function'")
+    try:
+        if module_part.endswith(".py"):
+            path = Path(module_part)
+            if not path.is_file():
+                raise ConfigError(f"reward_funcs: file {module_part!r} (from {spec!r}) does not exist")
+            module_name = f"sapo_user_rewards_{abs(hash(str(path.resolve())))}"
+            loader_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[module_name] = module  # lets worker processes and pickling find it
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_part)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"reward_funcs: could not import {module_part!r} for {spec!r}: {type(err).__name__}: {err}") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"reward_funcs: {module_part!r} has no function {attr!r} (from {spec!r})")
+    return NamedReward(attr, fn)
+
+
+def check_signature(reward: NamedReward, columns: list[str]) -> None:
+    """The function must accept prompts, completions, completion_ids and the dataset's columns as
+    keywords (a **kwargs catches what it does not name)."""
+    names = ["prompts", "completions", "completion_ids", *columns]
+    try:
+        inspect.signature(reward.fn).bind(**{n: [] for n in names})
+    except TypeError as err:
+        raise ConfigError(
+            f"reward function {reward.name!r} cannot be called as {reward.name}(prompts=..., completions=..., "
+            f"completion_ids=..., {', '.join(f'{c}=...' for c in columns)}): {err}. "
+            "Give it the signature f(prompts, completions, **kwargs)"
+        ) from None
+    except ValueError:
+        pass  # builtins without an introspectable signature: checked on the first call
+
+
+@dataclass
+class RewardScores:
+    per_func: torch.Tensor
+    """(N, F) float64, NaN where a function returned None or raised (when skipping errors)."""
+    total: torch.Tensor
+    """(N,) weighted sum over the functions that apply; NaN where none applies."""
+    errors: int
+    """Samples scored as 'does not apply' because a function raised (skip_reward_errors)."""
+
+
+def score(rewards: list[NamedReward], weights: list[float], prompts: list, completions: list,
+          completion_ids: list[list[int]], columns: dict[str, list], *, skip_errors: bool) -> RewardScores:
+    n = len(completions)
+    per_func = torch.full((n, len(rewards)), math.nan, dtype=torch.float64)
+    errors = set()
+    for j, reward in enumerate(rewards):
+        values, failed = _call(reward, prompts, completions, completion_ids, columns, skip_errors)
+        errors |= failed
+        for i, v in enumerate(values):
+            if v is not None:
+                per_func[i, j] = v
+    w = torch.tensor(weights, dtype=torch.float64)
+    applies = ~torch.isnan(per_func)
+    total = torch.where(applies, per_func * w, 0.0).sum(-1)
+    total = torch.where(applies.any(-1), total, math.nan)
+    return RewardScores(per_func, total, len(errors))
+
+
+def _call(reward: NamedReward, prompts, completions, completion_ids, columns, skip_errors) -> tuple[list, set[int]]:
+    def run(idx: list[int]) -> list:
+        return reward.fn(prompts=[prompts[i] for i in idx], completions=[completions[i] for i in idx],
+                         completion_ids=[completion_ids[i] for i in idx],
+                         **{k: [v[i] for i in idx] for k, v in columns.items()})
+
+    everything = list(range(len(completions)))
+    try:
+        values = _check_values(reward, run(everything), len(everything))
+        return values, set()
+    except ConfigError:
+        raise
+    except Exception:
+        pass
+    # Find the samples that make it raise, one by one, to name them.
+    values, failed = [], set()
+    for i in everything:
+        try:
+            values.extend(_check_values(reward, run([i]), 1))
+        except ConfigError:
+            raise
+        except Exception as err:
+            if not skip_errors:
+                raise RewardError(
+                    f"reward function {reward.name!r} raised {type(err).__name__}: {err} on sample {i}: "
+                    f"prompt={_short(prompts[i])}, completion={_short(completions[i])}. "
+                    "Fix the function, or set skip_reward_errors=true to score such samples as 'does not apply'"
+                ) from err
+            values.append(None)
+            failed.add(i)
+    return values, failed
+
+
+def _check_values(reward: NamedReward, values: Any, n: int) -> list:
+    if not isinstance(values, (list, tuple)) and not (isinstance(values, torch.Tensor) and values.dim() == 1):
+        raise ConfigError(f"reward function {reward.name!r} returned {type(values).__name__}; it must return a list of "
+                          "float or None, one per completion")
+    values = list(values.tolist() if isinstance(values, torch.Tensor) else values)
+    if len(values) != n:
+        raise ConfigError(f"reward function {reward.name!r} returned {len(values)} values for {n} completions; "
+                          "it must return one per completion")
+    out = []
+    for v in values:
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"reward function {reward.name!r} returned {v!r}; rewards must be numbers or None") from None
+        if math.isnan(v):
+            out.append(None)
+        elif math.isinf(v):
+            raise ConfigError(f"reward function {reward.name!r} returned {v}; rewards must be finite")
+        else:
+            out.append(v)
+    return out
+
+
+class RewardError(RuntimeError):
+    """A reward function raised on a sample and the run is not set to skip such samples."""
+
+
+def _short(x: Any, n: int = 80) -> str:
+    s = repr(completion_text(x) if isinstance(x, list) else x)
+    return s if len(s) <= n else s[: n - 3] + "..."

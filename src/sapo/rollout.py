@@ -1,0 +1,107 @@
+"""Phase 1, rollout: sample G completions per prompt from the current policy and record what
+the update needs (token ids, masks, truncation, behaviour log-probabilities)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from .data import derive_seed
+from .logprobs import completion_logprobs
+
+
+@dataclass
+class Rollout:
+    """N = prompts * G samples, grouped: samples g*G .. g*G+G-1 share prompt g."""
+
+    prompt_ids: Tensor  # (N, P) left-padded
+    prompt_mask: Tensor  # (N, P)
+    completion_ids: Tensor  # (N, C) right-padded
+    completion_mask: Tensor  # (N, C) 1 up to and including EOS
+    truncated: Tensor  # (N,) bool: reached max_completion_length without EOS
+    row_indices: list[int]  # (N,) dataset row of each sample
+    old_logprobs: Tensor | None = None  # (N, C) behaviour policy; None when provably equal to the current one
+    ref_logprobs: Tensor | None = None  # (N, C) reference policy, when beta > 0
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, idx: list[int]) -> "Rollout":
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
+                       self.completion_mask[idx], self.truncated[idx], [self.row_indices[i] for i in idx],
+                       pick(self.old_logprobs), pick(self.ref_logprobs))
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, group_size: int, max_new_tokens: int,
+             temperature: float, top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int],
+             device: torch.device) -> Rollout:
+    """Sample `group_size` completions for each prompt with `model.generate`.
+
+    Each group is sampled under its own seed, so a group's completions depend only on that
+    seed: not on batch composition, the number of processes, or a resume.
+    """
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              num_return_sequences=group_size)
+    was_training = model.training
+    model.eval()
+    completions = []
+    for ids, seed in zip(prompt_ids, seeds):
+        prompt = torch.tensor([ids], device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+        completions.extend(out[:, prompt.shape[1]:].tolist())
+    model.train(was_training)
+
+    N = len(completions)
+    C = max_new_tokens
+    completion_ids = torch.full((N, C), pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((N, C), dtype=torch.long)
+    truncated = torch.ones(N, dtype=torch.bool)
+    for i, tokens in enumerate(completions):
+        length = len(tokens)
+        if eos_token_id in tokens:
+            length = tokens.index(eos_token_id) + 1
+            truncated[i] = False
+        completion_ids[i, :length] = torch.tensor(tokens[:length], dtype=torch.long)
+        completion_mask[i, :length] = 1
+    used = int(completion_mask.sum(-1).max().item()) if N else 0
+    P = max(len(x) for x in prompt_ids)
+    prompt_t = torch.full((N, P), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((N, P), dtype=torch.long)
+    for g, ids in enumerate(prompt_ids):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        prompt_t[rows, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        prompt_mask[rows, P - len(ids):] = 1
+    return Rollout(
+        prompt_ids=prompt_t.to(device), prompt_mask=prompt_mask.to(device),
+        completion_ids=completion_ids[:, :max(used, 1)].to(device),
+        completion_mask=completion_mask[:, :max(used, 1)].to(device), truncated=truncated.to(device),
+        row_indices=[r for r in row_indices for _ in range(group_size)],
+    )
+
+
+@torch.no_grad()
+def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> Tensor:
+    """(N, C) log-probabilities of the rollout's completions, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(rollout), micro_batch_size):
+        part = rollout.select(list(range(start, min(start + micro_batch_size, len(rollout)))))
+        logp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                      part.completion_mask, temperature)
+        parts.append(logp)
+    model.train(was_training)
+    return torch.cat(parts)
+
+
+def group_seeds(seed: int, step: int, positions: list[int], kind: str = "rollout") -> list[int]:
+    """One sampling seed per prompt, from its position in the step's global batch."""
+    return [derive_seed(seed, kind, step, p) for p in positions]

@@ -1,0 +1,89 @@
+"""Phase 5, log: metrics.jsonl (always), tensorboard and wandb (optional), sampled completions,
+and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def _optional(module: str, extra: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"report_to={extra!r} needs the {extra} extra: pip install 'sapo-rl[{extra}]'") from err
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class RunLogger:
+    """Writes on the main process only; the other processes get a logger that does nothing."""
+
+    def __init__(self, output_dir: str | Path, report_to: list[str], config: dict[str, Any], *, enabled: bool,
+                 resume_step: int | None = None) -> None:
+        self.enabled = enabled
+        self.dir = Path(output_dir)
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.completions_path = self.dir / "completions.jsonl"
+        for path in (self.metrics_path, self.completions_path):
+            _truncate_after(path, resume_step)
+        if "tensorboard" in report_to:
+            tb = _optional("torch.utils.tensorboard", "tensorboard")
+            self.tensorboard = tb.SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        if "wandb" in report_to:
+            self.wandb = _optional("wandb", "wandb")
+            self.wandb.init(config=config, dir=str(self.dir), resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, **{k: _clean(v) for k, v in metrics.items()}}) + "\n")
+        if self.tensorboard is not None:
+            for k, v in metrics.items():
+                self.tensorboard.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if not self.enabled or not rows:
+            return
+        with self.completions_path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}, default=str) + "\n")
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _truncate_after(path: Path, step: int | None) -> None:
+    """On resume, drop lines of steps after the checkpoint: they are about to be redone."""
+    if not path.is_file():
+        return
+    if step is None:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(), TextColumn("eta"),
+        TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not enabled,
+    )

@@ -1,0 +1,232 @@
+"""The training loop. One step reads top to bottom: rollout, reward, advantage, policy update,
+log, evaluate, checkpoint. Each phase lives in its own module; this file wires them."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from . import rewards as reward_lib
+from .advantages import group_advantages
+from .checkpoint import load_training_state, resolve_resume, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .data import PromptSet, load_rows, prepare_prompts, prompts_for_step
+from .models import frozen_copy, load_model, load_tokenizer, resolve_dtype
+from .rollout import Rollout, batched_logprobs, generate, group_seeds
+from .tracking import RunLogger, progress_bar
+from .update import policy_update
+
+_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@dataclass
+class StepRewards:
+    total: torch.Tensor  # (N,) combined reward, NaN where none applies
+    per_func: torch.Tensor  # (N, F)
+    errors: int
+    completions: list
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None) -> None:
+        self.config = config.validate()
+        self.acc = accelerator or Accelerator()
+        world = self.acc.num_processes
+        if config.prompts_per_step % world:
+            raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the number of "
+                              f"processes ({world})")
+        self.local_prompts = config.prompts_per_step // world
+        if (self.local_prompts * config.num_generations) % config.num_minibatches:
+            raise ConfigError(f"num_minibatches={config.num_minibatches} must divide each process's share of the "
+                              f"rollout batch ({self.local_prompts} prompts x {config.num_generations} generations)")
+        set_seed(config.seed)
+
+        self.resume_path = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+        self.tokenizer = load_tokenizer(config.model)
+        self.rewards = [reward_lib.load_reward_function(spec) for spec in config.reward_funcs]
+        self.reward_weights = config.reward_weights or [1.0] * len(self.rewards)
+        self.train_set = self._prompts(config.dataset, "train")
+        self.eval_set = self._prompts(config.eval_dataset, "test") if config.eval_dataset else None
+
+        dtype = resolve_dtype(config.dtype, self.acc.device)
+        model = load_model(self.resume_path or config.model, dtype)
+        self.ref_model = frozen_copy(load_model(config.model, dtype)).to(self.acc.device) if config.beta > 0 else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        updates_per_step = config.num_minibatches * config.num_iterations
+        self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=config.warmup_steps,
+                                       num_training_steps=config.max_steps * updates_per_step)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+
+        self.start_step = 0
+        if self.resume_path is not None:
+            state = load_training_state(self.resume_path, self.acc, self.optimizer, self.scheduler)
+            self.start_step = state["step"]
+        self.logger = RunLogger(config.output_dir, config.report_to, config.to_dict(), enabled=self.acc.is_main_process,
+                                resume_step=self.start_step if self.resume_path else None)
+        if self.acc.is_main_process:
+            Path(config.output_dir, "config.yaml").write_text(config.to_yaml())
+
+    def _prompts(self, spec: str, split: str) -> PromptSet:
+        rows = load_rows(spec, split=split, seed=self.config.seed)
+        prompts = prepare_prompts(rows, self.tokenizer, max_prompt_length=self.config.max_prompt_length,
+                                  filter_overlong=self.config.filter_overlong_prompts, name=spec)
+        columns = [k for k in prompts.rows[0] if k != "prompt"]
+        for reward in self.rewards:
+            reward_lib.check_signature(reward, columns)
+        return prompts
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> list[dict[str, float]]:
+        cfg, history = self.config, []
+        with progress_bar(self.acc.is_main_process) as bar:
+            task = bar.add_task("train", total=cfg.max_steps, completed=self.start_step, status="")
+            for step in range(self.start_step, cfg.max_steps):
+                t0 = time.perf_counter()
+                # 1. Rollout: G samples for each of this process's prompts.
+                first = self.acc.process_index * self.local_prompts
+                rows = prompts_for_step(step, cfg.prompts_per_step, len(self.train_set), cfg.seed)
+                rows = rows[first:first + self.local_prompts]
+                rollout = self._rollout(self.train_set, rows, group_seeds(cfg.seed, step, range(first, first + len(rows))))
+                t1 = time.perf_counter()
+
+                # 2. Reward.
+                scored = self._score(self.train_set, rollout)
+                # 3. Advantage, group by group (a process holds whole groups).
+                advantages = self._advantages(scored.total).to(self.acc.device)
+                t2 = time.perf_counter()
+
+                # 4. Policy update.
+                metrics = policy_update(self.model, self.optimizer, self.scheduler, self.acc, rollout, advantages, cfg,
+                                        step=step, first_position=first)
+                t3 = time.perf_counter()
+
+                # 5. Log.
+                metrics.update(self._rollout_metrics(rollout, scored))
+                metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+                                "tokens_per_second": metrics.pop("_tokens") / (t3 - t0)})
+                # 6. Evaluate.
+                done = step + 1
+                if self.eval_set is not None and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == cfg.max_steps):
+                    metrics.update(self.evaluate())
+                self.logger.log(done, metrics)
+                self.logger.log_completions(done, self._completion_samples(rollout, scored, advantages))
+                history.append({"step": done, **metrics})
+                bar.update(task, completed=done, status=self._status(metrics))
+                # 7. Checkpoint.
+                if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+                    self.save(done)
+        self.logger.close()
+        return history
+
+    # ------------------------------------------------------------------ phases
+    def _rollout(self, prompts: PromptSet, rows: list[int], seeds: list[int], group_size: int | None = None) -> Rollout:
+        cfg = self.config
+        policy = self.acc.unwrap_model(self.model)
+        rollout = generate(policy, [prompts.prompt_ids[r] for r in rows], rows,
+                           group_size=group_size or cfg.num_generations, max_new_tokens=cfg.max_completion_length,
+                           temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=self.tokenizer.eos_token_id,
+                           pad_token_id=self.tokenizer.pad_token_id, seeds=seeds, device=self.acc.device)
+        if group_size is None:  # training rollouts need the behaviour (and reference) log-probabilities
+            if cfg.num_minibatches > 1 or cfg.num_iterations > 1:
+                rollout.old_logprobs = batched_logprobs(policy, rollout, cfg.temperature, cfg.micro_batch_size)
+            if self.ref_model is not None:
+                rollout.ref_logprobs = batched_logprobs(self.ref_model, rollout, cfg.temperature, cfg.micro_batch_size)
+        return rollout
+
+    def _score(self, prompts: PromptSet, rollout: Rollout) -> StepRewards:
+        texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if prompts.conversational else texts
+        ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids.cpu(), rollout.completion_mask.cpu())]
+        scores = reward_lib.score(self.rewards, self.reward_weights, [prompts.rows[r]["prompt"] for r in rollout.row_indices],
+                                  completions, ids, prompts.columns(rollout.row_indices),
+                                  skip_errors=self.config.skip_reward_errors)
+        return StepRewards(scores.total, scores.per_func, scores.errors, completions)
+
+    def _advantages(self, total: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.scale_rewards != "batch" or self.acc.num_processes == 1:
+            return group_advantages(total, cfg.num_generations, scale=cfg.scale_rewards)
+        # "batch" divides by the std of the global batch: compute on the gathered rewards, keep ours.
+        everything = self.acc.gather(total.to(self.acc.device)).cpu()
+        local = group_advantages(everything, cfg.num_generations, scale="batch")
+        n = total.shape[0]
+        return local[self.acc.process_index * n:(self.acc.process_index + 1) * n]
+
+    def _rollout_metrics(self, rollout: Rollout, scored: StepRewards) -> dict[str, float]:
+        gather = lambda t: self.acc.gather(t.to(self.acc.device)).cpu()  # noqa: E731
+        total = gather(scored.total)
+        per_func = gather(scored.per_func)
+        lengths = gather(rollout.completion_mask.sum(-1).double())
+        truncated = gather(rollout.truncated.double())
+        G = self.config.num_generations
+        groups = total.view(-1, G)
+        zero_std = [(g[~g.isnan()].numel() < 2) or bool((g[~g.isnan()] == g[~g.isnan()][0]).all()) for g in groups]
+        valid = total[~total.isnan()]
+        metrics = {
+            "reward": float(valid.mean()) if valid.numel() else math.nan,
+            "reward_std": float(valid.std()) if valid.numel() > 1 else 0.0,
+            "frac_reward_zero_std": sum(zero_std) / len(zero_std),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/clipped_ratio": float(truncated.mean()),
+            "rewards/errors": float(self.acc.reduce(torch.tensor(float(scored.errors), device=self.acc.device), "sum")),
+            "_tokens": float(lengths.sum()),
+        }
+        for j, reward in enumerate(self.rewards):
+            column = per_func[:, j]
+            column = column[~column.isnan()]
+            metrics[f"rewards/{reward.name}/mean"] = float(column.mean()) if column.numel() else math.nan
+        return metrics
+
+    def _completion_samples(self, rollout: Rollout, scored: StepRewards, advantages: torch.Tensor) -> list[dict]:
+        k = min(self.config.log_completions, len(rollout))
+        rows = []
+        for i in range(k):
+            rows.append({"prompt": self.train_set.rows[rollout.row_indices[i]]["prompt"],
+                         "completion": scored.completions[i], "reward": _clean(float(scored.total[i])),
+                         "advantage": float(advantages[i]), "truncated": bool(rollout.truncated[i])})
+        return rows
+
+    def _status(self, metrics: dict[str, float]) -> str:
+        gate = next((f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(f"{self.config.loss_type}/")), "")
+        return f"reward={metrics.get('reward', math.nan):.3f} {gate}"
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward of eval_num_generations samples per held-out prompt (Pass@1 for 0/1 rewards)."""
+        cfg, eval_set = self.config, self.eval_set
+        rank, world = self.acc.process_index, self.acc.num_processes
+        mine = list(range(rank, len(eval_set), world))
+        total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for start in range(0, len(mine), cfg.prompts_per_step):
+            rows = mine[start:start + cfg.prompts_per_step]
+            rollout = self._rollout(eval_set, rows, group_seeds(cfg.seed, 0, rows, kind="eval"),
+                                    group_size=cfg.eval_num_generations)
+            scores = self._score(eval_set, rollout).total
+            valid = scores[~scores.isnan()]
+            total += valid.sum()
+            count += valid.numel()
+        total = self.acc.reduce(total.to(self.acc.device), "sum")
+        count = self.acc.reduce(count.to(self.acc.device), "sum")
+        return {"eval/reward": float(total / count) if count > 0 else math.nan}
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.acc, self.config.output_dir, step, model=self.model, tokenizer=self.tokenizer,
+                               optimizer=self.optimizer, scheduler=self.scheduler, config_yaml=self.config.to_yaml(),
+                               trainer_state={"prompts_consumed": step * self.config.prompts_per_step},
+                               save_total_limit=self.config.save_total_limit)
+
+
+def _clean(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def train(config: TrainConfig) -> list[dict[str, float]]:
+    """Run a training job; returns the logged metrics of every step."""
+    return Trainer(config).train()
