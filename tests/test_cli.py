@@ -19,3 +19,43 @@ def test_losses_lists_every_registered_name():
     out = subprocess.run([sys.executable, "-m", "sapo", "losses"], capture_output=True, text=True, check=True).stdout
     for name in sapo.available_policy_losses() + sapo.available_aggregations():
         assert name in out
+
+
+def sapo_train(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sapo", "train", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_config_lists_every_field():
+    out = sapo_train("--help-config").stdout
+    for name in sapo.TrainConfig.__dataclass_fields__:
+        assert f"\n{name} = " in "\n" + out, name
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(workdir, tmp_path):
+    model, data, rewards = workdir / "model", workdir / "data.jsonl", workdir / "rewards.py"
+    common = [f"model={model}", f"output_dir={tmp_path}", "max_steps=1", "num_generations=2", "prompts_per_step=2",
+              "max_completion_length=4", "num_minibatches=1"]
+    cases = [
+        ([f"dataset={tmp_path}/missing.jsonl", "reward_funcs=exact_match"], "dataset file"),
+        ([f"dataset={workdir}/chat.jsonl", f"reward_funcs={rewards}:conversational_parity"], None),  # control: runs
+        ([f"dataset={data}", "reward_funcs=exact_match", "num_generations=1"], "num_generations=1 must be at least 2"),
+        ([f"dataset={data}", f"reward_funcs={rewards}:raises_on_seven", "prompts_per_step=36"],
+         "reward function 'raises_on_seven' raised ZeroDivisionError"),
+        ([f"dataset={data}", f"reward_funcs={rewards}:wrong_length"], "returned 1 values for 4 completions"),
+        ([f"dataset={data}", "reward_funcs=exact_match", "learning_rat=1"], "did you mean learning_rate"),
+    ]
+    for extra, message in cases:
+        result = sapo_train(*common, *extra)
+        if message is None:
+            assert result.returncode == 0, result.stderr[-2000:]
+            continue
+        assert result.returncode == 2, (extra, result.stderr[-2000:])
+        assert message in result.stderr, (message, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+
+
+def test_bad_column_is_named(workdir, tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"question": "1+1=", "answer": "2"}\n')
+    result = sapo_train(f"model={workdir / 'model'}", f"dataset={tmp_path / 'q.jsonl'}", "reward_funcs=exact_match",
+                        f"output_dir={tmp_path / 'o'}")
+    assert result.returncode == 2 and "has no 'prompt' column" in result.stderr and "Traceback" not in result.stderr

@@ -23,6 +23,7 @@ from .advantages import SCALES
 from .losses import available_aggregations, available_policy_losses
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 
@@ -71,14 +72,16 @@ class TrainConfig:
     """Passes over each rollout batch (TRL's num_iterations, PPO epochs)."""
     micro_batch_size: int = 8
     """Responses per forward/backward pass; gradients are accumulated so the update does not depend on it."""
+    optim: str = "adamw"
+    """Optimizer: "adamw" (torch.optim.AdamW) or "sgd" (plain gradient steps, handy to compare updates)."""
     learning_rate: float = 1e-6
-    """Peak learning rate of AdamW."""
+    """Peak learning rate."""
     lr_scheduler: str = "constant"
     """"constant", "linear" or "cosine" decay after warmup, over max_steps * optimizer steps per step."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: no clipping; the norm is still logged)."""
     loss_type: str = "sapo"
@@ -200,6 +203,7 @@ class TrainConfig:
         _choice("scale_rewards", self.scale_rewards, SCALES)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("optim", self.optim, OPTIMIZERS)
         for reporter in self.report_to:
             _choice("report_to", reporter, REPORTERS)
         from .losses.policy_loss import check_settings

@@ -23,6 +23,7 @@ from .rollout import Rollout, batched_logprobs, generate, group_seeds
 from .tracking import RunLogger, progress_bar
 from .update import policy_update
 
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
@@ -37,7 +38,9 @@ class StepRewards:
 class Trainer:
     def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None) -> None:
         self.config = config.validate()
-        self.acc = accelerator or Accelerator()
+        # Without a GPU, Accelerator() treats every launched process as a lone one; cpu=True makes a
+        # multi-process launch use torch.distributed with gloo.
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         world = self.acc.num_processes
         if config.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the number of "
@@ -58,7 +61,7 @@ class Trainer:
         dtype = resolve_dtype(config.dtype, self.acc.device)
         model = load_model(self.resume_path or config.model, dtype)
         self.ref_model = frozen_copy(load_model(config.model, dtype)).to(self.acc.device) if config.beta > 0 else None
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = _OPTIMIZERS[config.optim](model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         updates_per_step = config.num_minibatches * config.num_iterations
         self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=config.warmup_steps,
                                        num_training_steps=config.max_steps * updates_per_step)

@@ -1,0 +1,35 @@
+import pytest
+
+import sapo
+from sapo.checkpoint import list_checkpoints
+
+
+def test_a_crash_while_saving_leaves_the_last_checkpoint_intact(base_config, monkeypatch):
+    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 1}))
+    trainer.train()
+    out = trainer.logger.dir
+    good = (out / "checkpoint-1" / "model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer.tokenizer, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(1)  # overwrite attempt of the same step
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(2)
+    assert list_checkpoints(out) == [out / "checkpoint-1"]
+    assert (out / "checkpoint-1" / "model.safetensors").read_bytes() == good
+    resumed = sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 2, "resume_from_checkpoint": "latest"}))
+    assert resumed.start_step == 1
+
+
+def test_save_total_limit_keeps_the_newest(base_config):
+    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 3, "save_steps": 1, "save_total_limit": 2}))
+    trainer.train()
+    assert [p.name for p in list_checkpoints(trainer.logger.dir)] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint(base_config, tmp_path):
+    with pytest.raises(sapo.ConfigError, match="is not a checkpoint directory"):
+        sapo.Trainer(sapo.TrainConfig(**{**base_config, "resume_from_checkpoint": str(tmp_path)}))

@@ -1,0 +1,60 @@
+import pytest
+
+from sapo.config import ConfigError, TrainConfig, field_docs
+
+
+def test_every_field_has_a_docstring():
+    docs = field_docs()
+    missing = [f for f in TrainConfig.__dataclass_fields__ if not docs.get(f)]
+    assert not missing
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("loss_type: grpo\nlearning_rate: 1e-5\nreward_funcs: [exact_match]\nepsilon_high: 0.28\n")
+    config = TrainConfig.from_sources(path, ["learning_rate=2e-5", "num_generations=4", "report_to=tensorboard",
+                                             "epsilon=null", "mask_truncated_completions=true"])
+    assert config.loss_type == "grpo" and config.learning_rate == 2e-5 and config.num_generations == 4
+    assert config.reward_funcs == ["exact_match"] and config.report_to == ["tensorboard"]
+    assert config.epsilon is None and config.epsilon_high == 0.28 and config.mask_truncated_completions is True
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["learning_rat=1e-5"], r"unknown config field\(s\): 'learning_rat' \(did you mean learning_rate\?\)"),
+    (["num_generation=4"], r"did you mean num_generations"),
+    (["num_generations=four"], r"num_generations must be int, got 'four'"),
+    (["learning_rate=fast"], r"learning_rate must be a number"),
+    (["max_steps=true"], r"max_steps must be int"),
+    (["loss_type"], r"is not key=value"),
+])
+def test_bad_fields_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_sources(None, overrides)
+
+
+def valid(tmp_path, **kw):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    return TrainConfig(**{"model": str(tmp_path / "m"), "dataset": "d.jsonl", "reward_funcs": ["exact_match"], **kw})
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(num_generations=1), r"num_generations=1 must be at least 2"),
+    (dict(prompts_per_step=3, num_generations=2, num_minibatches=4), r"num_minibatches=4 must divide the rollout batch"),
+    (dict(loss_type="ppo"), r"loss_type='ppo' is not one of"),
+    (dict(aggregation="token_mean"), r"Did you mean 'token-mean'"),
+    (dict(scale_rewards="std"), r"scale_rewards='std'"),
+    (dict(tau_neg=0.0), r"tau_neg must be a positive"),
+    (dict(reward_weights=[1.0, 2.0]), r"reward_weights=.* needs one weight per reward function \(1\)"),
+    (dict(top_p=0.0), r"top_p=0.0 must be in"),
+    (dict(report_to=["mlflow"]), r"report_to='mlflow'"),
+    (dict(model="/nonexistent/model"), r"model='/nonexistent/model': no such local path"),
+])
+def test_validate_names_the_field_and_fix(tmp_path, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        valid(tmp_path, **kw).validate()
+
+
+def test_missing_required_fields_are_listed():
+    with pytest.raises(ConfigError, match=r"missing required field\(s\): model .*; dataset .*; reward_funcs"):
+        TrainConfig().validate()

@@ -1,0 +1,46 @@
+import pytest
+
+from sapo.config import ConfigError
+from sapo.data import load_rows, prepare_prompts, prompts_for_step
+from sapo.tiny import char_tokenizer
+
+
+def test_each_epoch_visits_every_row_once_and_steps_are_reproducible():
+    indices = [i for step in range(5) for i in prompts_for_step(step, 4, 10, seed=1)]
+    assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:20]) == list(range(10))
+    assert indices[:10] != indices[10:20]  # a fresh shuffle each epoch
+    assert prompts_for_step(3, 4, 10, seed=1) == indices[12:16]
+    assert prompts_for_step(0, 4, 10, seed=2) != prompts_for_step(0, 4, 10, seed=1)
+
+
+def test_overlong_prompts_are_named_or_filtered():
+    rows = [{"prompt": "x" * n, "answer": "1"} for n in (3, 12, 5, 20)]
+    with pytest.raises(ConfigError, match=r"2 of 4 prompts in data are longer than max_prompt_length=10 tokens: "
+                                          r"row 1 \(12 tokens\), row 3 \(20 tokens\)"):
+        prepare_prompts(rows, char_tokenizer(), max_prompt_length=10, filter_overlong=False, name="data")
+    kept = prepare_prompts(rows, char_tokenizer(), max_prompt_length=10, filter_overlong=True, name="data")
+    assert [len(r["prompt"]) for r in kept.rows] == [3, 5]
+
+
+def test_missing_prompt_column_and_mixed_formats():
+    with pytest.raises(ConfigError, match=r"no 'prompt' column \(columns: \['answer', 'question'\]\)"):
+        prepare_prompts([{"question": "q", "answer": "a"}], char_tokenizer(), max_prompt_length=9, filter_overlong=False)
+    mixed = [{"prompt": [{"role": "user", "content": "hi"}]}, {"prompt": "plain"}]
+    with pytest.raises(ConfigError, match=r"row 1: 'prompt' must be a string in every row, or a list"):
+        prepare_prompts(mixed, char_tokenizer(), max_prompt_length=99, filter_overlong=False)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset file '.*missing.jsonl' does not exist"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match=r"neither a .jsonl/.json/.parquet file nor a built-in task"):
+        load_rows("no_such_task")
+
+
+def test_parquet_and_json(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}]).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.json").write_text('[{"prompt": "b", "answer": "2"}]')
+    assert load_rows(str(tmp_path / "d.parquet")) == [{"prompt": "a", "answer": "1"}]
+    assert load_rows(str(tmp_path / "d.json")) == [{"prompt": "b", "answer": "2"}]

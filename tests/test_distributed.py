@@ -1,0 +1,49 @@
+"""`accelerate launch` with 2 CPU processes (gloo) gives the update of one process on the same
+global batch."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+
+def launch(config_path, *overrides, processes):
+    if processes == 1:
+        cmd = [sys.executable, "-m", "sapo", "train"]
+    else:  # --multi_gpu is accelerate's flag for multi-process DDP; without GPUs it runs on CPU with gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "sapo", "train"]
+    result = subprocess.run([*cmd, str(config_path), *overrides], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("aggregation,scale", [("token-mean", "batch")])
+def test_two_processes_match_one(workdir, tmp_path, aggregation, scale):
+    config = {
+        "model": str(workdir / "model"), "dataset": str(workdir / "data.jsonl"),
+        "reward_funcs": [f"{workdir / 'rewards.py'}:first_char_parity"], "num_generations": 4, "prompts_per_step": 4,
+        "num_minibatches": 2, "micro_batch_size": 3, "max_completion_length": 6, "max_steps": 2, "optim": "sgd",
+        "learning_rate": 0.5, "max_grad_norm": 0.0, "aggregation": aggregation, "scale_rewards": scale,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launch(path, f"output_dir={tmp_path / 'one'}", processes=1)
+    launch(path, f"output_dir={tmp_path / 'two'}", processes=2)
+    one = load_file(tmp_path / "one" / "checkpoint-2" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoint-2" / "model.safetensors")
+    start = load_file(workdir / "model" / "model.safetensors")
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-3 and worst <= 1e-4 * moved, (worst, moved)
+    lines_one = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    lines_two = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines_one) == len(lines_two) == 2
+    import json
+
+    for a, b in zip(lines_one, lines_two):
+        a, b = json.loads(a), json.loads(b)
+        assert a["reward"] == b["reward"] and a["completions/mean_length"] == b["completions/mean_length"]

@@ -1,0 +1,81 @@
+import math
+
+import pytest
+
+from sapo.config import ConfigError
+from sapo.rewards import RewardError, check_signature, load_reward_function, score
+
+
+def test_loading_by_builtin_name_module_and_file(tmp_path):
+    assert load_reward_function("exact_match").name == "exact_match"
+    assert load_reward_function("math:isclose").fn is math.isclose
+    (tmp_path / "r.py").write_text("def mine(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    assert load_reward_function(f"{tmp_path / 'r.py'}:mine").fn([], ["a", "b"]) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nonsense", r"is not a built-in reward"),
+    ("/no/such/file.py:f", r"file '/no/such/file.py' .* does not exist"),
+    ("no_such_module_xyz:f", r"could not import 'no_such_module_xyz'"),
+    ("math:no_such_fn", r"'math' has no function 'no_such_fn'"),
+])
+def test_loading_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        load_reward_function(spec)
+
+
+def test_signature_must_accept_the_columns(tmp_path):
+    (tmp_path / "r.py").write_text("def strict(prompts, completions):\n    return []\n"
+                                   "def loose(prompts, completions, answer, **kw):\n    return []\n")
+    with pytest.raises(ConfigError, match=r"reward function 'strict' cannot be called as .*answer=.*f\(prompts, completions, \*\*kwargs\)"):
+        check_signature(load_reward_function(f"{tmp_path / 'r.py'}:strict"), ["answer"])
+    check_signature(load_reward_function(f"{tmp_path / 'r.py'}:loose"), ["answer", "level"])
+
+
+def named(fn):
+    from sapo.rewards import NamedReward
+
+    return NamedReward(fn.__name__, fn)
+
+
+def call(funcs, weights=None, completions=("1", "2", "3"), skip=False):
+    n = len(completions)
+    return score([named(f) for f in funcs], weights or [1.0] * len(funcs), ["p"] * n, list(completions), [[1]] * n,
+                 {"answer": ["1", "7", "3"][:n]}, skip_errors=skip)
+
+
+def test_weights_none_and_combination():
+    def a(prompts, completions, **kw):
+        return [1.0, None, 0.0]
+
+    def b(prompts, completions, **kw):
+        return [0.5, None, None]
+
+    out = call([a, b], [1.0, 2.0])
+    assert out.total[0].item() == 2.0 and math.isnan(out.total[1].item()) and out.total[2].item() == 0.0
+    assert math.isnan(out.per_func[1, 0].item())
+
+
+def test_a_raising_function_is_named_with_its_sample():
+    def picky(prompts, completions, answer, **kw):
+        return [1 / 0 if x == "7" else 1.0 for x in answer]
+
+    with pytest.raises(RewardError, match=r"reward function 'picky' raised ZeroDivisionError: division by zero on sample 1: "
+                                          r"prompt='p', completion='2'"):
+        call([picky])
+    out = call([picky], skip=True)
+    assert out.errors == 1 and math.isnan(out.total[1].item()) and out.total[0].item() == 1.0
+
+
+@pytest.mark.parametrize("value,message", [
+    ([1.0], r"returned 1 values for 3 completions"),
+    ("abc", r"returned str; it must return a list"),
+    (["x", 1, 2], r"returned 'x'; rewards must be numbers or None"),
+    ([math.inf, 1, 2], r"returned inf; rewards must be finite"),
+])
+def test_bad_return_values(value, message):
+    def bad(prompts, completions, **kw):
+        return value
+
+    with pytest.raises(ConfigError, match=message):
+        call([bad])

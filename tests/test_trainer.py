@@ -1,0 +1,129 @@
+"""End-to-end runs of the trainer on tiny models built from configs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import sapo
+from sapo.tiny import save_tiny_model
+
+
+def run(**kwargs):
+    trainer = sapo.Trainer(sapo.TrainConfig(**kwargs))
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    history = trainer.train()
+    after = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    return trainer, before, after, history
+
+
+@pytest.mark.parametrize("loss_type", ["sapo", "grpo", "gspo"])
+def test_each_loss_type_trains_every_parameter(base_config, loss_type):
+    trainer, before, after, history = run(**{**base_config, "loss_type": loss_type})
+    assert len(history) == 2
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters that did not move: {unchanged}"
+    for row in history:
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+        assert row["frac_reward_zero_std"] < 1  # there was signal
+    lines = [json.loads(x) for x in (trainer.logger.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    for key in ("reward", "reward_std", "rewards/first_char_parity/mean", "frac_reward_zero_std", "completions/mean_length",
+                "completions/clipped_ratio", "entropy", "grad_norm", "learning_rate", "time/rollout", "time/update",
+                "tokens_per_second", "ratio/mean", f"{'sapo/gate_weight_mean' if loss_type == 'sapo' else loss_type + '/'}"):
+        assert any(k.startswith(key) for k in lines[0]), key
+    checkpoint = trainer.logger.dir / "checkpoint-2"
+    reloaded = sapo.models.load_model(checkpoint, torch.float32)
+    for name, value in reloaded.named_parameters():
+        torch.testing.assert_close(value, after[name], rtol=0, atol=0)
+    assert (trainer.logger.dir / "completions.jsonl").read_text().count('"step": 2') == base_config.get("log_completions", 4)
+
+
+def test_mixture_of_experts_model_trains(base_config, tmp_path):
+    save_tiny_model(tmp_path / "moe", "qwen3_moe", hidden_size=32)
+    _, before, after, history = run(**{**base_config, "model": str(tmp_path / "moe")})
+    assert all(math.isfinite(r["loss"]) for r in history)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("experts" in k or "mlp" in k for k in moved) and any("attn" in k for k in moved)
+
+
+def update_after_one_step(base_config, **kwargs):
+    # SGD: the update is -lr * gradient, so float noise is not amplified as Adam's 1/|g| would.
+    _, before, after, _ = run(**{**base_config, "max_steps": 1, "optim": "sgd", "learning_rate": 1.0, **kwargs})
+    return {k: after[k] - before[k] for k in before}
+
+
+def assert_same_update(a, b, rel=1e-4):
+    """Equal up to float32 summation order: every difference below rel x the largest update."""
+    scale = max(v.abs().max().item() for v in b.values())
+    worst = max((a[k] - b[k]).abs().max().item() for k in b)
+    assert scale > 0 and worst <= rel * scale, (worst, scale)
+
+
+def test_on_policy_all_objectives_give_the_same_update_and_off_policy_they_differ(base_config):
+    on = {lt: update_after_one_step(base_config, loss_type=lt, num_minibatches=1) for lt in ("sapo", "grpo", "gspo")}
+    for lt in ("grpo", "gspo"):
+        assert_same_update(on[lt], on["sapo"])
+    off = {lt: update_after_one_step(base_config, loss_type=lt, num_minibatches=4)
+           for lt in ("sapo", "grpo", "gspo")}
+    for a, b in (("sapo", "grpo"), ("sapo", "gspo"), ("grpo", "gspo")):
+        with pytest.raises(AssertionError):
+            assert_same_update(off[a], off[b], rel=1e-2)
+
+
+@pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "token-mean"])
+def test_update_does_not_depend_on_micro_batch_size(base_config, aggregation):
+    kw = dict(aggregation=aggregation, num_minibatches=2, prompts_per_step=2, num_generations=4)
+    small = update_after_one_step(base_config, micro_batch_size=1, **kw)
+    whole = update_after_one_step(base_config, micro_batch_size=4, **kw)
+    assert_same_update(small, whole)
+
+
+def test_resume_is_exact(base_config, tmp_path):
+    straight = {**base_config, "max_steps": 6, "output_dir": str(tmp_path / "straight")}
+    _, _, final_straight, history = run(**straight)
+    split = {**base_config, "output_dir": str(tmp_path / "split"), "save_steps": 3}
+    run(**{**split, "max_steps": 3})
+    _, _, final_split, resumed = run(**{**split, "max_steps": 6, "resume_from_checkpoint": "latest"})
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for k in final_straight:
+        assert torch.equal(final_straight[k], final_split[k]), k
+    assert resumed[-1]["reward"] == history[-1]["reward"]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_conversational_dataset_and_reward_from_file(base_config, workdir):
+    trainer, _, _, history = run(**{**base_config, "dataset": str(workdir / "chat.jsonl"),
+                                    "reward_funcs": [f"{workdir / 'rewards.py'}:conversational_parity", "exact_match"],
+                                    "reward_weights": [1.0, 2.0]})
+    assert trainer.train_set.conversational
+    first = trainer.tokenizer.decode(trainer.train_set.prompt_ids[0])
+    assert first.startswith("<|user|>") and first.endswith("<|assistant|>")
+    sample = json.loads((trainer.logger.dir / "completions.jsonl").read_text().splitlines()[0])
+    assert sample["completion"][0]["role"] == "assistant"
+    assert "rewards/conversational_parity/mean" in history[0] and "rewards/exact_match/mean" in history[0]
+
+
+def test_kl_to_reference_model(base_config):
+    trainer, _, _, history = run(**{**base_config, "beta": 0.1})
+    assert trainer.ref_model is not None
+    assert all(0 < r["kl"] < 1 for r in history)  # the policy drifts from the reference, a little
+    plain, _, _, history = run(**base_config)
+    assert plain.ref_model is None and "kl" not in history[0]
+
+
+def test_truncated_completions_can_be_left_out_of_the_loss(base_config):
+    # A random model almost never says EOS within 2 tokens: every completion is truncated.
+    kw = {**base_config, "max_completion_length": 2, "max_steps": 1, "optim": "sgd"}
+    _, before, after, history = run(**kw, mask_truncated_completions=True)
+    assert history[0]["completions/clipped_ratio"] == 1.0
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    _, before, after, _ = run(**kw, mask_truncated_completions=False)
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluation_reports_held_out_reward(base_config, workdir):
+    _, _, _, history = run(**{**base_config, "eval_dataset": str(workdir / "data.jsonl"), "eval_steps": 1})
+    assert all(0.0 <= r["eval/reward"] <= 1.0 for r in history)
