@@ -58,3 +58,15 @@ def test_validate_names_the_field_and_fix(tmp_path, kw, message):
 def test_missing_required_fields_are_listed():
     with pytest.raises(ConfigError, match=r"missing required field\(s\): model .*; dataset .*; reward_funcs"):
         TrainConfig().validate()
+
+
+@pytest.mark.parametrize("reporter", ["tensorboard", "wandb"])
+def test_optional_reporters_say_which_extra_to_install(tmp_path, reporter):
+    import importlib.util
+
+    config = valid(tmp_path, report_to=["jsonl", reporter])
+    if importlib.util.find_spec(reporter) is None:
+        with pytest.raises(ConfigError, match=rf"pip install 'sapo-rl\[{reporter}\]'"):
+            config.validate()
+    else:
+        config.validate()

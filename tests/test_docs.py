@@ -1,4 +1,5 @@
-"""The Python examples in README.md and docs/ run as written."""
+"""The Python examples in README.md and docs/ run as written (blocks fenced as
+```python no-run need files that the reader has, and are only shown)."""
 
 import re
 from pathlib import Path
@@ -35,3 +36,9 @@ def test_python_examples_run(path):
     finally:
         registry._POLICY_LOSSES.clear()
         registry._POLICY_LOSSES.update(saved)
+
+
+def test_training_docs_hold_the_current_config_reference():
+    from sapo.cli import config_reference
+
+    assert config_reference(markdown=True) in (ROOT / "docs" / "training.md").read_text()

@@ -20,14 +20,23 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_reference(markdown: bool = False) -> str:
+    """Every TrainConfig field with its default and docstring (docs/training.md holds the markdown)."""
+    from .config import TrainConfig, field_docs
+
+    defaults = TrainConfig().to_dict()
+    if markdown:
+        rows = [f"| `{k}` | `{defaults[k]!r}` | {doc.replace('|', '/')} |" for k, doc in field_docs().items()]
+        return "\n".join(["| field | default | meaning |", "|---|---|---|", *rows])
+    return "\n".join(f"{k} = {defaults[k]!r}\n    {doc}" for k, doc in field_docs().items())
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, TrainConfig, field_docs
+    from .config import ConfigError, TrainConfig
     from .rewards import RewardError
 
     if args.help_config:
-        defaults = TrainConfig().to_dict()
-        for name, doc in field_docs().items():
-            print(f"{name} = {defaults[name]!r}\n    {doc}")
+        print(config_reference(markdown=args.markdown))
         return 0
     items = list(args.args)
     path = items.pop(0) if items and "=" not in items[0] else None
@@ -58,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "overridden by key=value pairs. --help-config lists every field.")
     train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
     train.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    train.add_argument("--markdown", action="store_true", help="with --help-config: print a markdown table")
     train.set_defaults(func=_cmd_train)
     return parser
 

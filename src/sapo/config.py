@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import math
 import types
@@ -206,6 +207,9 @@ class TrainConfig:
         _choice("optim", self.optim, OPTIMIZERS)
         for reporter in self.report_to:
             _choice("report_to", reporter, REPORTERS)
+            module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(reporter)
+            if module and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"report_to={reporter!r} needs the {reporter} package: pip install 'sapo-rl[{reporter}]'")
         from .losses.policy_loss import check_settings
 
         try:

@@ -53,7 +53,7 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
     completions = []
     for ids, seed in zip(prompt_ids, seeds):
         prompt = torch.tensor([ids], device=device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
         completions.extend(out[:, prompt.shape[1]:].tolist())
