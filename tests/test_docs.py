@@ -20,7 +20,7 @@ def python_blocks(path):
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_python_examples_run(path):
     blocks = python_blocks(path)
-    saved = dict(registry._POLICY_LOSSES)
+    saved = dict(registry.POLICY_LOSSES._entries)
     B, T = 4, 5
     namespace = {
         "torch": torch,
@@ -34,8 +34,8 @@ def test_python_examples_run(path):
         for block in blocks:
             exec(compile(block, str(path), "exec"), namespace)
     finally:
-        registry._POLICY_LOSSES.clear()
-        registry._POLICY_LOSSES.update(saved)
+        registry.POLICY_LOSSES._entries.clear()
+        registry.POLICY_LOSSES._entries.update(saved)
 
 
 def test_training_docs_hold_the_current_config_reference():

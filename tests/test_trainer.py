@@ -127,3 +127,21 @@ def test_truncated_completions_can_be_left_out_of_the_loss(base_config):
 def test_evaluation_reports_held_out_reward(base_config, workdir):
     _, _, _, history = run(**{**base_config, "eval_dataset": str(workdir / "data.jsonl"), "eval_steps": 1})
     assert all(0.0 <= r["eval/reward"] <= 1.0 for r in history)
+
+
+def test_a_registered_task_is_a_dataset_name(base_config):
+    from sapo.tasks import TASKS, Task, register_task
+
+    def load(split, seed):
+        offset = 0 if split == "train" else 100
+        return [{"prompt": f"{i + offset}=", "answer": str(i + offset)} for i in range(8)]
+
+    register_task(Task("echo_numbers_test", load, "repeat the number"))
+    try:
+        trainer, _, _, history = run(**{**base_config, "dataset": "echo_numbers_test", "eval_dataset": "echo_numbers_test",
+                                        "reward_funcs": ["exact_match"]})
+        assert trainer.train_set.rows[0]["prompt"] != trainer.eval_set.rows[0]["prompt"]
+        assert trainer.eval_set.rows[0]["prompt"].startswith("10")
+        assert "eval/reward" in history[-1]
+    finally:
+        TASKS._entries.pop("echo_numbers_test")

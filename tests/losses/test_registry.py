@@ -10,10 +10,10 @@ from sapo.losses import registry
 
 @pytest.fixture
 def clean_registry():
-    saved = dict(registry._POLICY_LOSSES)
+    saved = dict(registry.POLICY_LOSSES._entries)
     yield
-    registry._POLICY_LOSSES.clear()
-    registry._POLICY_LOSSES.update(saved)
+    registry.POLICY_LOSSES._entries.clear()
+    registry.POLICY_LOSSES._entries.update(saved)
 
 
 def test_builtins_are_registered():

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .registry import unknown_name_message
+from .._registry import unknown_name_message
 
 Numerator = Callable[[Tensor, Tensor, "int | None"], Tensor]
 

@@ -8,12 +8,13 @@ aggregation over tokens are done once, by :func:`sapo.policy_loss`, for every ob
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .._registry import Registry
 
 
 @dataclass(frozen=True)
@@ -61,48 +62,29 @@ class TokenLoss:
 
 PolicyLossFn = Callable[[PolicyLossInputs, PolicyLossSettings], TokenLoss]
 
-_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("loss_type")
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Decorator: make ``fn(inputs, settings) -> TokenLoss`` available as ``loss_type=name``.
 
-    Registering a different function under a name already taken is an error, so a
-    typo cannot silently replace a built-in objective.
+    Registering a different function under a name already taken is an error, so a typo
+    cannot silently replace a built-in objective.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"register_policy_loss: name must be a non-empty string, got {name!r}")
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        existing = _POLICY_LOSSES.get(name)
-        if existing is not None and existing is not fn:
-            raise ValueError(
-                f"register_policy_loss: a policy loss named {name!r} is already registered "
-                f"({existing.__module__}.{existing.__qualname__}); choose another name"
-            )
-        _POLICY_LOSSES[name] = fn
-        return fn
+        return POLICY_LOSSES.add(name, fn)
 
     return decorator
 
 
 def available_policy_losses() -> list[str]:
     """Names accepted as ``loss_type``."""
-    return sorted(_POLICY_LOSSES)
+    return POLICY_LOSSES.names()
 
 
 def get_policy_loss(name: str) -> PolicyLossFn:
-    try:
-        return _POLICY_LOSSES[name]
-    except KeyError:
-        raise ValueError(unknown_name_message("loss_type", name, _POLICY_LOSSES)) from None
-
-
-def unknown_name_message(field_name: str, value: object, known: object) -> str:
-    names = sorted(known)
-    close = difflib.get_close_matches(str(value), names, n=3)
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    return f"{field_name}={value!r} is not known; choose one of {names}.{hint}"
+    return POLICY_LOSSES.get(name)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

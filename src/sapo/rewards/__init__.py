@@ -14,24 +14,24 @@ from typing import Any, Callable
 
 import torch
 
+from .._registry import Registry
 from ..config import ConfigError
 
 RewardFunc = Callable[..., list]
-_BUILTIN: dict[str, RewardFunc] = {}
+REWARDS: Registry[RewardFunc] = Registry("reward_funcs")
 
 
 def register_reward(name: str) -> Callable[[RewardFunc], RewardFunc]:
     """Make a reward function available by name in `reward_funcs`."""
 
     def decorator(fn: RewardFunc) -> RewardFunc:
-        _BUILTIN[name] = fn
-        return fn
+        return REWARDS.add(name, fn)
 
     return decorator
 
 
 def available_rewards() -> list[str]:
-    return sorted(_BUILTIN)
+    return REWARDS.names()
 
 
 def completion_text(completion: Any) -> str:
@@ -55,8 +55,8 @@ class NamedReward:
 
 def load_reward_function(spec: str) -> NamedReward:
     """A built-in name, "path/to/file.py:function" or "package.module:function"."""
-    if spec in _BUILTIN:
-        return NamedReward(spec, _BUILTIN[spec])
+    if spec in REWARDS:
+        return NamedReward(spec, REWARDS.get(spec))
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
         raise ConfigError(f"reward_funcs: {spec!r} is not a built-in reward ({available_rewards()}) nor "
