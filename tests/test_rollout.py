@@ -42,3 +42,25 @@ def test_a_group_depends_only_on_its_seed():
     assert torch.equal(alone.completion_ids[:, :n], together.completion_ids[3:, :n])
     again = sample(model, tok, ["7+8="], seeds=[43])
     assert not torch.equal(again.completion_ids, alone.completion_ids)
+
+
+def test_sampling_ignores_the_models_own_generation_settings():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    plain = sample(model, tok, ["7+8="], seeds=[123], max_new_tokens=12)
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.no_repeat_ngram_size = 1
+    again = sample(model, tok, ["7+8="], seeds=[123], max_new_tokens=12)
+    assert torch.equal(plain.completion_ids, again.completion_ids)
+    assert model.generation_config.repetition_penalty == 3.0  # and leaves them in place
+
+
+def test_temperature_zero_is_greedy():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    a = sample(model, tok, ["7+8="], seeds=[1], temperature=0.0, group_size=1)
+    b = sample(model, tok, ["7+8="], seeds=[2], temperature=0.0, group_size=1)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    ids = tok("7+8=", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    step = model(ids).logits[0, -1].argmax()
+    assert a.completion_ids[0, 0] == step

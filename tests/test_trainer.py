@@ -132,7 +132,7 @@ def test_evaluation_reports_held_out_reward(base_config, workdir):
 def test_a_registered_task_is_a_dataset_name(base_config):
     from sapo.tasks import TASKS, Task, register_task
 
-    def load(split, seed):
+    def load(split, seed=0):
         offset = 0 if split == "train" else 100
         return [{"prompt": f"{i + offset}=", "answer": str(i + offset)} for i in range(8)]
 

@@ -76,13 +76,17 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, model, to
     if accelerator.is_main_process:
         if final.exists():  # a rerun of the same step: replace it only once the new one is complete
             old = root / f".old-checkpoint-{step}"
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         if save_total_limit:
-            for stale in list_checkpoints(root)[:-save_total_limit]:
+            # Newest by write time, not by step: after resuming from an older checkpoint, the
+            # abandoned run's later steps are the stale ones. The one just written always stays.
+            others = sorted((p for p in list_checkpoints(root) if p != final), key=lambda p: p.stat().st_mtime)
+            for stale in others[:max(len(others) - (save_total_limit - 1), 0)]:
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

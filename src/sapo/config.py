@@ -40,6 +40,8 @@ class TrainConfig:
     """Local path of a Hugging Face causal LM directory (anything AutoModelForCausalLM loads)."""
     dataset: str = ""
     """A local .jsonl, .json or .parquet file with a `prompt` column, or a built-in task name."""
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Options of a built-in task, e.g. {digits: 3, operands: 3} (`sapo tasks` lists them)."""
     eval_dataset: str | None = None
     """Held-out prompts in the same format, scored every `eval_steps`; None: no evaluation."""
     reward_funcs: list[str] = field(default_factory=list)
@@ -111,7 +113,10 @@ class TrainConfig:
     eval_steps: int = 0
     """Evaluate on eval_dataset every this many steps and at the end (0: only at the end, if set)."""
     eval_num_generations: int = 1
-    """Samples per eval prompt (at the training temperature); their mean reward is eval/reward."""
+    """Samples per eval prompt, at the training temperature: eval/pass@1 is their mean
+    correctness (reward >= 1), eval/pass@<n> the chance that one of n is correct."""
+    eval_greedy: bool = True
+    """Also decode each eval prompt greedily (eval/greedy_accuracy)."""
     save_steps: int = 0
     """Write a checkpoint every this many steps (0: only at the end)."""
     save_total_limit: int | None = None
@@ -127,8 +132,9 @@ class TrainConfig:
     log_completions: int = 4
     """Responses per step written to completions.jsonl."""
     dtype: str = "auto"
-    """Model weights: "auto" (float32 on CPU, bfloat16 on GPUs that support it), "float32",
-    "bfloat16", "float16". The objective is always computed in float32."""
+    """Compute dtype of forward passes (autocast): "auto" (bfloat16 on GPUs that support it, else
+    float32), "float32", "bfloat16", "float16". Weights and optimizer state stay float32, and the
+    objective is always computed in float32."""
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -219,6 +225,8 @@ class TrainConfig:
         if self.reward_weights is not None:
             _require(len(self.reward_weights) == len(self.reward_funcs), "reward_weights", self.reward_weights,
                      f"needs one weight per reward function ({len(self.reward_funcs)})")
+            _require(all(math.isfinite(w) for w in self.reward_weights), "reward_weights", self.reward_weights,
+                     "must be finite numbers")
         if not Path(self.model).exists():
             raise ConfigError(f"model={self.model!r}: no such local path. sapo-rl loads models from disk; "
                               "point it at a directory saved with save_pretrained")
@@ -249,6 +257,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return _coerce(name, value, inner[0])
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping such as {{digits: 3}}, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, (str, int, float)):
             value = [value]  # reward_funcs=my.py:f or report_to=tensorboard on the command line

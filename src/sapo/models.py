@@ -31,17 +31,33 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+_MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def mixed_precision(name: str) -> str:
+    """accelerate's mixed_precision for the config's `dtype`: the weights and optimizer state stay
+    float32 (updates of 1e-6 would round away in bf16 weights); forward passes run in `dtype`
+    under autocast. "auto": bf16 on GPUs that support it, float32 elsewhere."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
+        name = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return _MIXED_PRECISION[name]
 
 
-def load_model(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.config.use_cache = True
+    return model
+
+
+def disable_dropout(model: PreTrainedModel) -> PreTrainedModel:
+    """Behaviour log-probabilities are taken in eval mode; with dropout off the update's forward
+    passes match them, and the first minibatch is exactly on-policy."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key, value in vars(model.config).items():
+        if "dropout" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
     return model
 
 

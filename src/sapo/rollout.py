@@ -43,21 +43,29 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
     """Sample `group_size` completions for each prompt with `model.generate`.
 
     Each group is sampled under its own seed, so a group's completions depend only on that
-    seed: not on batch composition, the number of processes, or a resume.
+    seed: not on batch composition, the number of processes, or a resume. temperature=0 is
+    greedy decoding.
     """
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                              num_return_sequences=group_size)
-    was_training = model.training
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id, num_return_sequences=group_size)
+    # generate() fills every unset option from model.generation_config (a repetition penalty, say),
+    # which would sample from something other than pi / T: let it see only our config.
+    was_training, model_config = model.training, model.generation_config
     model.eval()
+    model.generation_config = config
     completions = []
-    for ids, seed in zip(prompt_ids, seeds):
-        prompt = torch.tensor([ids], device=device)
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-        completions.extend(out[:, prompt.shape[1]:].tolist())
-    model.train(was_training)
+    try:
+        for ids, seed in zip(prompt_ids, seeds):
+            prompt = torch.tensor([ids], device=device)
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+            completions.extend(out[:, prompt.shape[1]:].tolist())
+    finally:
+        model.generation_config = model_config
+        model.train(was_training)
 
     N = len(completions)
     C = max_new_tokens
@@ -85,6 +93,15 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
         completion_mask=completion_mask[:, :max(used, 1)].to(device), truncated=truncated.to(device),
         row_indices=[r for r in row_indices for _ in range(group_size)],
     )
+
+
+def decode(tokenizer, rollout: Rollout, conversational: bool) -> tuple[list, list[list[int]]]:
+    """Completions as reward functions see them (text, or assistant messages for conversational
+    prompts) and their token ids up to and including EOS."""
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids.cpu(), rollout.completion_mask.cpu())]
+    return completions, ids
 
 
 @torch.no_grad()

@@ -78,7 +78,13 @@ def _truncate_after(path: Path, step: int | None) -> None:
     if step is None:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            pass  # a line cut short by a crash
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
+from . import evaluation
 from . import rewards as reward_lib
 from .advantages import group_advantages
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import PromptSet, load_rows, prepare_prompts, prompts_for_step
-from .models import frozen_copy, load_model, load_tokenizer, resolve_dtype
-from .rollout import Rollout, batched_logprobs, generate, group_seeds
+from .models import disable_dropout, frozen_copy, load_model, load_tokenizer, mixed_precision
+from .rollout import Rollout, batched_logprobs, decode, generate, group_seeds
 from .tracking import RunLogger, progress_bar
 from .update import policy_update
 
@@ -40,7 +42,11 @@ class Trainer:
         self.config = config.validate()
         # Without a GPU, Accelerator() treats every launched process as a lone one; cpu=True makes a
         # multi-process launch use torch.distributed with gloo.
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                              mixed_precision=mixed_precision(config.dtype))
+        if self.acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            raise ConfigError(f"distributed type {self.acc.distributed_type} is not supported yet: sapo-rl trains with "
+                              "DDP (accelerate launch --multi_gpu); DeepSpeed and FSDP are not wired in")
         world = self.acc.num_processes
         if config.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the number of "
@@ -58,9 +64,8 @@ class Trainer:
         self.train_set = self._prompts(config.dataset, "train")
         self.eval_set = self._prompts(config.eval_dataset, "test") if config.eval_dataset else None
 
-        dtype = resolve_dtype(config.dtype, self.acc.device)
-        model = load_model(self.resume_path or config.model, dtype)
-        self.ref_model = frozen_copy(load_model(config.model, dtype)).to(self.acc.device) if config.beta > 0 else None
+        model = disable_dropout(load_model(self.resume_path or config.model))
+        self.ref_model = frozen_copy(load_model(config.model)).to(self.acc.device) if config.beta > 0 else None
         optimizer = _OPTIMIZERS[config.optim](model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         updates_per_step = config.num_minibatches * config.num_iterations
         self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=config.warmup_steps,
@@ -77,7 +82,7 @@ class Trainer:
             Path(config.output_dir, "config.yaml").write_text(config.to_yaml())
 
     def _prompts(self, spec: str, split: str) -> PromptSet:
-        rows = load_rows(spec, split=split, seed=self.config.seed)
+        rows = load_rows(spec, split=split, task_kwargs=self.config.task_kwargs)
         prompts = prepare_prompts(rows, self.tokenizer, max_prompt_length=self.config.max_prompt_length,
                                   filter_overlong=self.config.filter_overlong_prompts, name=spec)
         columns = [k for k in prompts.rows[0] if k != "prompt"]
@@ -129,14 +134,16 @@ class Trainer:
         return history
 
     # ------------------------------------------------------------------ phases
-    def _rollout(self, prompts: PromptSet, rows: list[int], seeds: list[int], group_size: int | None = None) -> Rollout:
+    def _rollout(self, prompts: PromptSet, rows: list[int], seeds: list[int]) -> Rollout:
         cfg = self.config
         policy = self.acc.unwrap_model(self.model)
-        rollout = generate(policy, [prompts.prompt_ids[r] for r in rows], rows,
-                           group_size=group_size or cfg.num_generations, max_new_tokens=cfg.max_completion_length,
-                           temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=self.tokenizer.eos_token_id,
-                           pad_token_id=self.tokenizer.pad_token_id, seeds=seeds, device=self.acc.device)
-        if group_size is None:  # training rollouts need the behaviour (and reference) log-probabilities
+        with self.acc.autocast():
+            rollout = generate(policy, [prompts.prompt_ids[r] for r in rows], rows, group_size=cfg.num_generations,
+                               max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                               eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                               seeds=seeds, device=self.acc.device)
+            # The behaviour policy's log-probabilities; with one minibatch and one pass the policy
+            # cannot move before the update, which then uses its own (detached) ones instead.
             if cfg.num_minibatches > 1 or cfg.num_iterations > 1:
                 rollout.old_logprobs = batched_logprobs(policy, rollout, cfg.temperature, cfg.micro_batch_size)
             if self.ref_model is not None:
@@ -144,9 +151,7 @@ class Trainer:
         return rollout
 
     def _score(self, prompts: PromptSet, rollout: Rollout) -> StepRewards:
-        texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if prompts.conversational else texts
-        ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids.cpu(), rollout.completion_mask.cpu())]
+        completions, ids = decode(self.tokenizer, rollout, prompts.conversational)
         scores = reward_lib.score(self.rewards, self.reward_weights, [prompts.rows[r]["prompt"] for r in rollout.row_indices],
                                   completions, ids, prompts.columns(rollout.row_indices),
                                   skip_errors=self.config.skip_reward_errors)
@@ -200,24 +205,23 @@ class Trainer:
         gate = next((f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(f"{self.config.loss_type}/")), "")
         return f"reward={metrics.get('reward', math.nan):.3f} {gate}"
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean reward of eval_num_generations samples per held-out prompt (Pass@1 for 0/1 rewards)."""
-        cfg, eval_set = self.config, self.eval_set
-        rank, world = self.acc.process_index, self.acc.num_processes
-        mine = list(range(rank, len(eval_set), world))
-        total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for start in range(0, len(mine), cfg.prompts_per_step):
-            rows = mine[start:start + cfg.prompts_per_step]
-            rollout = self._rollout(eval_set, rows, group_seeds(cfg.seed, 0, rows, kind="eval"),
-                                    group_size=cfg.eval_num_generations)
-            scores = self._score(eval_set, rollout).total
-            valid = scores[~scores.isnan()]
-            total += valid.sum()
-            count += valid.numel()
-        total = self.acc.reduce(total.to(self.acc.device), "sum")
-        count = self.acc.reduce(count.to(self.acc.device), "sum")
-        return {"eval/reward": float(total / count) if count > 0 else math.nan}
+        """Pass@1, Pass@k and greedy accuracy on eval_dataset (see evaluation.py), over all processes."""
+        cfg = self.config
+        with self.acc.autocast():
+            totals = evaluation.evaluate(
+                self.acc.unwrap_model(self.model), self.tokenizer, self.eval_set, self.rewards, self.reward_weights,
+                samples=cfg.eval_num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                max_new_tokens=cfg.max_completion_length, seed=cfg.seed, device=self.acc.device,
+                indices=list(range(self.acc.process_index, len(self.eval_set), self.acc.num_processes)),
+                greedy=cfg.eval_greedy,
+            )
+        summed = self.acc.reduce(totals.as_tensor().to(self.acc.device), "sum").cpu()
+        metrics = evaluation.EvalTotals.from_tensor(summed, cfg.eval_num_generations).metrics()
+        if not cfg.eval_greedy:
+            metrics.pop("greedy_accuracy")
+        metrics["reward"] = metrics.pop("mean_reward")
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     def save(self, step: int) -> Path:
         return save_checkpoint(self.acc, self.config.output_dir, step, model=self.model, tokenizer=self.tokenizer,

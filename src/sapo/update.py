@@ -42,6 +42,8 @@ class MetricMean:
 
     def add(self, metrics: dict[str, float], weight: float) -> None:
         for k, v in metrics.items():
+            if weight == 0:
+                continue  # an all-padding micro-batch has nothing to report
             if k.endswith("max"):
                 self.extremes[k] = max(v, self.extremes.get(k, v))
             elif k.endswith("min"):
@@ -105,7 +107,7 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    metrics = stats.result()
+    metrics = _across_processes(accelerator, stats.result())
     if "kl/mean" in metrics:
         metrics["kl"] = metrics.pop("kl/mean")
     metrics["loss"] = sum(losses) / len(losses)
@@ -114,10 +116,22 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
     return metrics
 
 
+def _across_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Means over processes; maxima and minima stay extremes. Every process has the same keys."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    table = accelerator.gather(local.unsqueeze(0)).cpu()  # (processes, keys)
+    out = {}
+    for j, k in enumerate(keys):
+        column = table[:, j]
+        out[k] = float(column.max() if k.endswith("max") else column.min() if k.endswith("min") else column.mean())
+    return out
+
+
 def _clip(accelerator, model, max_grad_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
     if max_grad_norm > 0:
-        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params else torch.zeros(())
-    return float(norm)
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0

@@ -31,7 +31,14 @@ def register_reward(name: str) -> Callable[[RewardFunc], RewardFunc]:
 
 
 def available_rewards() -> list[str]:
+    _load_task_rewards()
     return REWARDS.names()
+
+
+def _load_task_rewards() -> None:
+    from ..tasks import _load_builtins  # the built-in tasks register their rewards
+
+    _load_builtins()
 
 
 def completion_text(completion: Any) -> str:
@@ -55,6 +62,7 @@ class NamedReward:
 
 def load_reward_function(spec: str) -> NamedReward:
     """A built-in name, "path/to/file.py:function" or "package.module:function"."""
+    _load_task_rewards()
     if spec in REWARDS:
         return NamedReward(spec, REWARDS.get(spec))
     module_part, sep, attr = spec.rpartition(":")

@@ -1,9 +1,10 @@
 """Built-in tasks: a name that `dataset=` (and `eval_dataset=`) accepts in place of a file,
-whose rows come from its own loader ("train" and "test" splits). Tasks register themselves
-here (`register_task`)."""
+whose rows come from a seeded generator with disjoint "train" and "test" splits, scored by a
+reward function of the same name. Tasks register themselves here (`register_task`)."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,9 +14,13 @@ from .._registry import Registry
 @dataclass(frozen=True)
 class Task:
     name: str
-    load: Callable[[str, int], list[dict]]
-    """load(split, seed) -> rows with a "prompt" column and whatever the rewards need."""
+    load: Callable[..., list[dict]]
+    """load(split, seed=0, **options) -> rows with a "prompt" column and what the reward needs."""
     description: str = ""
+    reward: str | None = None
+    """Name of the task's reward function in the reward registry."""
+    options: str = ""
+    """The task_kwargs it accepts, with defaults, for `sapo tasks`."""
 
 
 TASKS: Registry[Task] = Registry("dataset")
@@ -26,8 +31,41 @@ def register_task(task: Task) -> Task:
 
 
 def available_tasks() -> list[str]:
+    _load_builtins()
     return TASKS.names()
 
 
 def get_task(name: str) -> Task:
+    _load_builtins()
     return TASKS.get(name)
+
+
+def _load_builtins() -> None:
+    from . import arithmetic, countdown  # noqa: F401  (they register themselves)
+
+
+def split_problems(make: Callable[[random.Random], dict], split: str, seed: int, *, train_size: int,
+                   test_size: int, key: str) -> list[dict]:
+    """Draw `test_size` distinct problems, then `train_size` more that are not among them, from
+    one seeded stream: the same seed always gives the same splits, and they never overlap."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f"sapo-task-{seed}")
+    test: dict[str, dict] = {}
+    attempts = 0
+    while len(test) < test_size:
+        problem = make(rng)
+        test.setdefault(problem[key], problem)
+        attempts += 1
+        if attempts > 100 * test_size:
+            raise ValueError(f"only {len(test)} distinct problems exist at this difficulty; lower test_size")
+    if split == "test":
+        return list(test.values())
+    train = []
+    for _ in range(100 * train_size):
+        if len(train) == train_size:
+            break
+        problem = make(rng)
+        if problem[key] not in test:
+            train.append(problem)
+    return train
