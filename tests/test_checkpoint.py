@@ -46,14 +46,3 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_crash(base_config):
     trainer.train()
     steps = [json.loads(line)["step"] for line in open(f"{out}/metrics.jsonl")]
     assert steps == [1, 2]
-
-
-def test_dropout_is_off_so_the_first_minibatch_is_on_policy(base_config, tmp_path):
-    from sapo.tiny import save_tiny_model
-
-    save_tiny_model(tmp_path / "drop", "qwen2", hidden_size=32, attention_dropout=0.5)
-    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "model": str(tmp_path / "drop"), "num_minibatches": 1,
-                                               "num_iterations": 2, "max_steps": 1}))
-    assert trainer.model.config.attention_dropout == 0.0
-    history = trainer.train()
-    assert history[0]["ratio/min"] <= 1.0 <= history[0]["ratio/max"]

@@ -145,3 +145,21 @@ def test_a_registered_task_is_a_dataset_name(base_config):
         assert "eval/reward" in history[-1]
     finally:
         TASKS._entries.pop("echo_numbers_test")
+
+
+def test_dropout_is_off_so_train_mode_matches_the_behaviour_pass(base_config, tmp_path):
+    import torch
+
+    from sapo.logprobs import completion_logprobs
+    from sapo.tiny import save_tiny_model
+
+    save_tiny_model(tmp_path / "drop", "qwen2", hidden_size=32, attention_dropout=0.5)
+    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "model": str(tmp_path / "drop")}))
+    assert trainer.model.config.attention_dropout == 0.0
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ones = torch.ones_like(ids)
+    trainer.model.train()
+    train_mode, _ = completion_logprobs(trainer.model, ids[:, :3], ones[:, :3], ids[:, 3:], ones[:, 3:], 1.0)
+    trainer.model.eval()
+    eval_mode, _ = completion_logprobs(trainer.model, ids[:, :3], ones[:, :3], ids[:, 3:], ones[:, 3:], 1.0)
+    assert torch.equal(train_mode, eval_mode)

@@ -55,9 +55,11 @@ def disable_dropout(model: PreTrainedModel) -> PreTrainedModel:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    for key, value in vars(model.config).items():
-        if "dropout" in key and isinstance(value, float):
-            setattr(model.config, key, 0.0)
+        # attention layers keep their rate as a float attribute (e.g. `attention_dropout`)
+        for owner in (module, getattr(module, "config", None)):
+            for key, value in list(vars(owner).items()) if owner is not None else []:
+                if "dropout" in key and isinstance(value, float):
+                    setattr(owner, key, 0.0)
     return model
 
 
