@@ -138,9 +138,10 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_sources(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "TrainConfig":
-        """A YAML file (optional) with `key=value` overrides applied on top."""
-        values: dict[str, Any] = {}
+    def from_sources(cls, path: str | Path | None = None, overrides: list[str] | None = None,
+                     base: dict[str, Any] | None = None) -> "TrainConfig":
+        """`base` values, then a YAML file's (optional), then `key=value` overrides on top."""
+        values: dict[str, Any] = dict(base or {})
         if path is not None:
             path = Path(path)
             if not path.is_file():

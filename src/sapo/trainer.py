@@ -22,6 +22,7 @@ from .config import ConfigError, TrainConfig
 from .data import PromptSet, load_rows, prepare_prompts, prompts_for_step
 from .models import disable_dropout, frozen_copy, load_model, load_tokenizer, mixed_precision
 from .rollout import Rollout, batched_logprobs, decode, generate, group_seeds
+from .summary import print_summary, summarize
 from .tracking import RunLogger, progress_bar
 from .update import policy_update
 
@@ -93,6 +94,11 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, float]]:
         cfg, history = self.config, []
+        started = time.perf_counter()
+        if self.eval_set is not None and self.start_step == 0:  # the starting point, for before/after
+            before = self.evaluate()
+            self.logger.log(0, before)
+            history.append({"step": 0, **before})
         with progress_bar(self.acc.is_main_process) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.start_step, status="")
             for step in range(self.start_step, cfg.max_steps):
@@ -131,6 +137,10 @@ class Trainer:
                 if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
                     self.save(done)
         self.logger.close()
+        if self.acc.is_main_process and cfg.max_steps > self.start_step:
+            last = Path(cfg.output_dir) / f"checkpoint-{cfg.max_steps}"
+            self.summary = summarize(cfg.output_dir, wall_seconds=time.perf_counter() - started, checkpoint=str(last))
+            print_summary(self.summary)
         return history
 
     # ------------------------------------------------------------------ phases

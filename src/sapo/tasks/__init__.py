@@ -19,6 +19,8 @@ class Task:
     description: str = ""
     reward: str | None = None
     """Name of the task's reward function in the reward registry."""
+    target: str | None = None
+    """Column holding a correct completion, for supervised warm starts (`sapo warmstart`)."""
     options: str = ""
     """The task_kwargs it accepts, with defaults, for `sapo tasks`."""
 

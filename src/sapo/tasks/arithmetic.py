@@ -53,4 +53,4 @@ def arithmetic_reward(prompts: list, completions: list, answer: list, **kwargs) 
 
 
 register_task(Task("arithmetic", load, "integer addition (and subtraction): '47+85=' -> '132'",
-                   reward="arithmetic", options="digits=2, operands=2, ops='+' (use '+-' for subtraction)"))
+                   reward="arithmetic", target="answer", options="digits=2, operands=2, ops='+' (use '+-' for subtraction)"))

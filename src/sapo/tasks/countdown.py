@@ -160,4 +160,4 @@ def load(split: str, seed: int = 0, *, operands: int = 3, max_number: int = 20, 
 
 
 register_task(Task("countdown", load, "reach the target with each number once: '3,7,25->46:' -> '25+3*7'",
-                   reward="countdown", options="operands=3, max_number=20"))
+                   reward="countdown", target="solution", options="operands=3, max_number=20"))
