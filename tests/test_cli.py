@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -59,3 +60,39 @@ def test_bad_column_is_named(workdir, tmp_path):
     result = sapo_train(f"model={workdir / 'model'}", f"dataset={tmp_path / 'q.jsonl'}", "reward_funcs=exact_match",
                         f"output_dir={tmp_path / 'o'}")
     assert result.returncode == 2 and "has no 'prompt' column" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tasks_lists_each_with_an_example():
+    out = subprocess.run([sys.executable, "-m", "sapo", "tasks"], capture_output=True, text=True, check=True).stdout
+    assert "arithmetic:" in out and "countdown:" in out and out.count("example: prompt") == 2
+
+
+def test_warmstart_writes_a_loadable_model_deterministically(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from sapo.warmstart import warmstart
+
+    a = warmstart(tmp_path / "a", steps=5, hidden_size=32, num_layers=1, progress=None)
+    b = warmstart(tmp_path / "b", steps=5, hidden_size=32, num_layers=1, progress=None)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "tokenizer.json").is_file() and not (tmp_path / "a.tmp").exists()
+    result = subprocess.run([sys.executable, "-m", "sapo", "warmstart", "--out", str(tmp_path / "c"), "--steps", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and (tmp_path / "c" / "model.safetensors").is_file()
+
+
+def test_train_without_a_config_runs_the_demo(tmp_path):
+    from sapo.demo import demo_config, shipped_model_path
+
+    config = demo_config([])
+    assert config.model == str(shipped_model_path()) and config.dataset == "arithmetic" and config.loss_type == "sapo"
+    result = subprocess.run([sys.executable, "-m", "sapo", "train", "max_steps=2", "eval_num_generations=1",
+                             f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and {"pass@1_before", "pass@1_after", "greedy_accuracy_before",
+                                       "greedy_accuracy_after", "wall_seconds"} <= set(summary)
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file() and (tmp_path / "training.png").is_file()
+    assert "run summary" in result.stdout

@@ -41,7 +41,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     items = list(args.args)
     path = items.pop(0) if items and "=" not in items[0] else None
     try:
-        if path is None:  # no config file: the built-in demo, with any key=value on top
+        if path is None and not any(i.split("=", 1)[0] in ("model", "dataset") for i in items):
+            # Neither a config file nor a model or dataset: the built-in demo, key=value on top.
             from .demo import demo_config
 
             config = demo_config(items)
@@ -152,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     losses.set_defaults(func=_cmd_losses)
     train = sub.add_parser("train", help="train a model with SAPO / GRPO / GSPO",
                            description="sapo train [CONFIG.yaml] [key=value ...]: fields of the YAML file, "
-                           "overridden by key=value pairs. --help-config lists every field.")
+                           "overridden by key=value pairs. --help-config lists every field. With neither a "
+                           "CONFIG nor model=/dataset=, it runs the built-in demo (SAPO on the arithmetic task "
+                           "from the shipped model), with any key=value on top.")
     train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
     train.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
     train.add_argument("--markdown", action="store_true", help="with --help-config: print a markdown table")
