@@ -32,22 +32,14 @@ def config_reference(markdown: bool = False) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, TrainConfig
+    from .config import ConfigError
     from .rewards import RewardError
 
     if args.help_config:
         print(config_reference(markdown=args.markdown))
         return 0
-    items = list(args.args)
-    path = items.pop(0) if items and "=" not in items[0] else None
     try:
-        if path is None and not any(i.split("=", 1)[0] in ("model", "dataset") for i in items):
-            # Neither a config file nor a model or dataset: the built-in demo, key=value on top.
-            from .demo import demo_config
-
-            config = demo_config(items)
-        else:
-            config = TrainConfig.from_sources(path, items)
+        config = _load_config(args.args)
         from .trainer import Trainer
 
         Trainer(config).train()
@@ -140,6 +132,88 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(items: list[str]):
+    """An optional leading CONFIG.yaml, then key=value overrides. When neither names a `model`
+    or a `dataset`, they apply on top of the built-in demo setting (sapo.demo)."""
+    import yaml
+
+    from .config import ConfigError, TrainConfig
+    from .demo import demo_settings
+
+    items = list(items)
+    path = items.pop(0) if items and "=" not in items[0] else None
+    named = {i.split("=", 1)[0] for i in items}
+    if path is not None:
+        try:
+            named |= set(yaml.safe_load(open(path)) or {})
+        except OSError as err:
+            raise ConfigError(f"config file {path!r}: {err.strerror}") from None
+    base = None if named & {"model", "dataset"} else demo_settings()
+    return TrainConfig.from_sources(path, items, base=base)
+
+
+def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int:
+    import shlex
+
+    from .config import ConfigError
+    from .experiments import run_all
+    from .report import build_report
+    from .rewards import RewardError
+
+    try:
+        base = _load_config(args.args).to_dict()
+        runs = runs_for(args)
+        dirs = run_all(base, runs, args.out or default_out)
+        report = build_report(dirs, args.out or default_out, threshold=args.threshold,
+                              title=f"sapo {args.command}", command="sapo " + shlex.join(sys.argv[1:] if args.argv is None
+                                                                                       else args.argv))
+    except (ConfigError, RewardError) as err:
+        print(f"sapo {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .experiments import compare_runs
+
+    return _run_experiment(args, lambda a: compare_runs(_csv(a.loss_types, str), _csv(a.seeds, int)), "outputs/compare")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .experiments import parse_grid, sweep_runs
+
+    return _run_experiment(args, lambda a: sweep_runs(parse_grid(a.grid), _csv(a.seeds, int)), "outputs/sweep")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .report import build_report
+
+    dirs = []
+    for root in map(Path, args.run_dirs):  # a run, or a compare/sweep directory holding runs
+        dirs += [p.parent for p in sorted(root.rglob("summary.json"))] if not (root / "summary.json").is_file() else [root]
+    try:
+        report = build_report(dirs, args.out or args.run_dirs[0], threshold=args.threshold)
+    except ValueError as err:
+        print(f"sapo report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_gates
+
+    print(f"wrote {plot_gates(args.out, tau_pos=args.tau_pos, tau_neg=args.tau_neg)}")
+    return 0
+
+
+def _csv(text: str, kind):
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -153,9 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     losses.set_defaults(func=_cmd_losses)
     train = sub.add_parser("train", help="train a model with SAPO / GRPO / GSPO",
                            description="sapo train [CONFIG.yaml] [key=value ...]: fields of the YAML file, "
-                           "overridden by key=value pairs. --help-config lists every field. With neither a "
-                           "CONFIG nor model=/dataset=, it runs the built-in demo (SAPO on the arithmetic task "
-                           "from the shipped model), with any key=value on top.")
+                           "overridden by key=value pairs. --help-config lists every field. When neither names a "
+                           "model or a dataset, they apply on top of the built-in demo (SAPO on the arithmetic "
+                           "task from the shipped model); `sapo train` alone runs the demo.")
     train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
     train.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
     train.add_argument("--markdown", action="store_true", help="with --help-config: print a markdown table")
@@ -183,12 +257,47 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--seed", type=int, default=0)
     ws.add_argument("--task-kwargs", nargs="*", metavar="key=value")
     ws.set_defaults(func=_cmd_warmstart)
+
+    for name, help_text in (("compare", "train each loss type for each seed, then write a report"),
+                            ("sweep", "train each point of a grid of config values for each seed, then a report")):
+        cmd = sub.add_parser(name, help=help_text, description=f"sapo {name} [CONFIG.yaml] [options] [key=value ...]. "
+                             "Without CONFIG.yaml: the built-in demo setting. Finished runs are skipped on a rerun.")
+        cmd.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+        if name == "compare":
+            cmd.add_argument("--loss-types", default="sapo,grpo,gspo", help="comma-separated (default: sapo,grpo,gspo)")
+        else:
+            cmd.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                             help="a config field and its values; repeat for a product grid")
+        cmd.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+        cmd.add_argument("--out", help=f"directory of the runs and the report (default: outputs/{name})")
+        cmd.add_argument("--threshold", type=float, default=0.4, help="Pass@1 level for 'steps to threshold'")
+        cmd.set_defaults(func=_cmd_compare if name == "compare" else _cmd_sweep)
+
+    rep = sub.add_parser("report", help="rebuild the report from finished runs")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--out", help="where to write it (default: the first RUN_DIR)")
+    rep.add_argument("--threshold", type=float, default=0.4)
+    rep.set_defaults(func=_cmd_report)
+
+    plot = sub.add_parser("plot", help="figures: `sapo plot gates --out FILE.png`")
+    plot.add_argument("what", choices=["gates"])
+    plot.add_argument("--out", required=True)
+    plot.add_argument("--tau-pos", type=float, default=1.0)
+    plot.add_argument("--tau-neg", type=float, default=1.05)
+    plot.set_defaults(func=_cmd_plot)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`sapo compare --seeds 0,1 max_steps=50`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "args")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.args = list(args.args) + extra
+    args.argv = argv
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0

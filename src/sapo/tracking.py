@@ -37,7 +37,8 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.completions_path = self.dir / "completions.jsonl"
-        for path in (self.metrics_path, self.completions_path):
+        self.off_policy_path = self.dir / "logratios.jsonl"
+        for path in (self.metrics_path, self.completions_path, self.off_policy_path):
             _truncate_after(path, resume_step)
         if "tensorboard" in report_to:
             tb = _optional("torch.utils.tensorboard", "tensorboard")
@@ -63,6 +64,13 @@ class RunLogger:
         with self.completions_path.open("a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}, default=str) + "\n")
+
+    def log_off_policy(self, step: int, stats) -> None:
+        """Histograms of the off-policy token log-ratios (see diagnostics.py), one line per step."""
+        if not self.enabled or stats.counts[0] == 0:
+            return
+        with self.off_policy_path.open("a") as f:
+            f.write(json.dumps({"step": step, **stats.histograms()}) + "\n")
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -19,6 +19,7 @@ from . import rewards as reward_lib
 from .advantages import group_advantages
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig
+from .diagnostics import OffPolicyStats
 from .data import PromptSet, load_rows, prepare_prompts, prompts_for_step
 from .models import disable_dropout, frozen_copy, load_model, load_tokenizer, mixed_precision
 from .rollout import Rollout, batched_logprobs, decode, generate, group_seeds
@@ -73,10 +74,11 @@ class Trainer:
                                        num_training_steps=config.max_steps * updates_per_step)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
-        self.start_step = 0
+        self.start_step, self.wall_seconds_before, self._started = 0, 0.0, time.perf_counter()
         if self.resume_path is not None:
             state = load_training_state(self.resume_path, self.acc, self.optimizer, self.scheduler)
             self.start_step = state["step"]
+            self.wall_seconds_before = state.get("wall_seconds", 0.0)
         self.logger = RunLogger(config.output_dir, config.report_to, config.to_dict(), enabled=self.acc.is_main_process,
                                 resume_step=self.start_step if self.resume_path else None)
         if self.acc.is_main_process:
@@ -99,6 +101,7 @@ class Trainer:
             before = self.evaluate()
             self.logger.log(0, before)
             history.append({"step": 0, **before})
+        self._started = started
         with progress_bar(self.acc.is_main_process) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.start_step, status="")
             for step in range(self.start_step, cfg.max_steps):
@@ -117,8 +120,10 @@ class Trainer:
                 t2 = time.perf_counter()
 
                 # 4. Policy update.
+                off_policy = OffPolicyStats(self.acc.device)
                 metrics = policy_update(self.model, self.optimizer, self.scheduler, self.acc, rollout, advantages, cfg,
-                                        step=step, first_position=first)
+                                        step=step, first_position=first, off_policy=off_policy)
+                metrics.update(off_policy.reduce(self.acc).metrics())
                 t3 = time.perf_counter()
 
                 # 5. Log.
@@ -131,15 +136,17 @@ class Trainer:
                     metrics.update(self.evaluate())
                 self.logger.log(done, metrics)
                 self.logger.log_completions(done, self._completion_samples(rollout, scored, advantages))
+                self.logger.log_off_policy(done, off_policy)
                 history.append({"step": done, **metrics})
                 bar.update(task, completed=done, status=self._status(metrics))
                 # 7. Checkpoint.
                 if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
                     self.save(done)
         self.logger.close()
-        if self.acc.is_main_process and cfg.max_steps > self.start_step:
+        if self.acc.is_main_process:
             last = Path(cfg.output_dir) / f"checkpoint-{cfg.max_steps}"
-            self.summary = summarize(cfg.output_dir, wall_seconds=time.perf_counter() - started, checkpoint=str(last))
+            wall = self.wall_seconds_before + time.perf_counter() - started
+            self.summary = summarize(cfg.output_dir, wall_seconds=wall, checkpoint=str(last))
             print_summary(self.summary)
         return history
 
@@ -236,7 +243,8 @@ class Trainer:
     def save(self, step: int) -> Path:
         return save_checkpoint(self.acc, self.config.output_dir, step, model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, config_yaml=self.config.to_yaml(),
-                               trainer_state={"prompts_consumed": step * self.config.prompts_per_step},
+                               trainer_state={"prompts_consumed": step * self.config.prompts_per_step,
+                                              "wall_seconds": self.wall_seconds_before + time.perf_counter() - self._started},
                                save_total_limit=self.config.save_total_limit)
 
 

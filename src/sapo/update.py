@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
+from .diagnostics import OffPolicyStats
 from .data import derive_seed
 from .logprobs import completion_logprobs
 from .losses import aggregation_denominator, policy_loss
@@ -59,8 +60,10 @@ class MetricMean:
 
 
 def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, advantages: Tensor,
-                  config: TrainConfig, *, step: int, first_position: int) -> dict[str, float]:
-    """num_iterations passes of num_minibatches optimizer steps over the rollout batch."""
+                  config: TrainConfig, *, step: int, first_position: int,
+                  off_policy: OffPolicyStats | None = None) -> dict[str, float]:
+    """num_iterations passes of num_minibatches optimizer steps over the rollout batch. The token
+    log-ratios of every minibatch after the first are added to `off_policy`."""
     G = config.num_generations
     num_prompts = len(rollout) // G
     loss_mask = rollout.completion_mask.clone()
@@ -73,7 +76,7 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
     for iteration in range(config.num_iterations):
         plan = minibatch_plan(num_prompts, G, config.num_minibatches, seed=config.seed, step=step,
                               iteration=iteration, first_position=first_position)
-        for minibatch in plan:
+        for k, minibatch in enumerate(plan):
             # Divide every micro-batch by the whole minibatch's denominator, summed over processes and
             # divided by their number because DDP averages gradients: the update is then that of the
             # global minibatch, whatever the micro-batch size or process count.
@@ -99,6 +102,8 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
                         ref_logprobs=part.ref_logprobs, beta=config.beta, denominator=denominator,
                     )
                     accelerator.backward(out.loss)
+                if off_policy is not None and (k > 0 or iteration > 0):
+                    off_policy.add(logp.detach() - old, mask)
                 tokens = float(mask.sum())
                 out.metrics["entropy"] = float((entropy * mask).sum() / max(tokens, 1.0))
                 losses[-1] += float(out.loss.detach())

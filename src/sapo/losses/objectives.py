@@ -80,6 +80,7 @@ def sapo_loss(inputs: PolicyLossInputs, settings: PolicyLossSettings) -> TokenLo
         "sapo/weighted_ratio_mean": masked_mean(w * r, mask),
         "sapo/damped_frac_low": masked_fraction(damped & (r < 1), mask),
         "sapo/damped_frac_high": masked_fraction(damped & (r > 1), mask),
+        "gated_frac": masked_fraction(damped, mask),
     }
     return TokenLoss(loss, metrics)
 
@@ -100,6 +101,7 @@ def grpo_loss(inputs: PolicyLossInputs, settings: PolicyLossSettings) -> TokenLo
         "grpo/clip_frac_low": masked_fraction(clipped_low, mask),
         "grpo/clip_frac_high": masked_fraction(clipped_high, mask),
         "grpo/clip_frac": masked_fraction(clipped_low | clipped_high, mask),
+        "gated_frac": masked_fraction(clipped_low | clipped_high, mask),
     }
     return TokenLoss(loss, metrics)
 
@@ -127,6 +129,7 @@ def gspo_loss(inputs: PolicyLossInputs, settings: PolicyLossSettings) -> TokenLo
     metrics = {
         "gspo/seq_clip_frac": masked_mean(clipped_B, has_tokens_B),
         "gspo/token_clip_frac": masked_fraction(clipped_BT, mask),
+        "gated_frac": masked_fraction(clipped_BT, mask),
         "gspo/seq_ratio_mean": masked_mean(seq_ratio_B, has_tokens_B),
         "gspo/seq_ratio_min": masked_extreme(seq_ratio_B, has_tokens_B, largest=False, empty=1.0),
         "gspo/seq_ratio_max": masked_extreme(seq_ratio_B, has_tokens_B, largest=True, empty=1.0),

@@ -1,0 +1,96 @@
+"""sapo compare / sweep / report / plot gates."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from sapo.experiments import compare_runs, parse_grid, run_all, sweep_runs
+from sapo.plots import gate_curves
+from sapo.report import RunData, build_report, collapsed
+
+
+@pytest.fixture
+def tiny_base(base_config, workdir):
+    return {**base_config, "eval_dataset": str(workdir / "data.jsonl"), "eval_steps": 1, "eval_num_generations": 2,
+            "max_steps": 2, "max_prompt_length": 16}
+
+
+def test_compare_writes_a_report_whose_numbers_are_the_runs_own(tiny_base, tmp_path):
+    runs = compare_runs(["sapo", "grpo"], [0])
+    dirs = run_all(tiny_base, runs, tmp_path, log=lambda *_: None)
+    report = build_report(dirs, tmp_path)
+    for name in ("report.md", "report.json", "curves.png", "logratios.png"):
+        assert (tmp_path / name).is_file()
+    table = json.loads((tmp_path / "report.json").read_text())
+    assert list(table) == ["sapo", "grpo"]
+    for arm in ("sapo", "grpo"):
+        lines = [json.loads(x) for x in (tmp_path / arm / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        evals = {x["step"]: x["eval/pass@1"] for x in lines if "eval/pass@1" in x}
+        assert sorted(evals) == [0, 1, 2]
+        assert table[arm]["final_pass@1_mean"] == evals[2]
+        assert table[arm]["best_pass@1_mean"] == max(evals[1], evals[2])
+        assert table[arm]["start_pass@1_mean"] == evals[0]
+        assert f"{evals[2]:.3f}" in report.read_text()
+        assert yaml.safe_load((tmp_path / arm / "seed0" / "config.yaml").read_text())["loss_type"] == arm
+    assert "loss_type: grpo" in report.read_text() and "### sapo" in report.read_text()
+
+
+def test_rerunning_skips_finished_runs(tiny_base, tmp_path):
+    runs = compare_runs(["sapo"], [0])
+    run_all(tiny_base, runs, tmp_path, log=lambda *_: None)
+    metrics = tmp_path / "sapo" / "seed0" / "metrics.jsonl"
+    before = metrics.read_text()
+    said = []
+    run_all(tiny_base, runs, tmp_path, log=said.append)
+    assert said == ["[1/1] sapo seed 0: finished, skipped"]
+    assert metrics.read_text() == before
+
+
+def test_sweep_grid_and_the_report_command(tiny_base, tmp_path):
+    grid = parse_grid(["tau_neg=0.95,1.5", "learning_rate=1e-3"])
+    assert grid == {"tau_neg": [0.95, 1.5], "learning_rate": [1e-3]}
+    runs = sweep_runs(grid, [0, 1])
+    assert [(r.arm, r.seed) for r in runs][:2] == [("tau_neg=0.95,learning_rate=0.001", 0),
+                                                   ("tau_neg=0.95,learning_rate=0.001", 1)]
+    dirs = run_all({**tiny_base, "max_steps": 1}, runs[:2], tmp_path, log=lambda *_: None)
+    assert yaml.safe_load((dirs[1] / "config.yaml").read_text())["tau_neg"] == 0.95
+    first = build_report(dirs, tmp_path)
+    table = (tmp_path / "report.json").read_text()
+    result = subprocess.run([sys.executable, "-m", "sapo", "report", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report.json").read_text() == table and first.is_file()
+
+
+def test_collapse_definition():
+    def run(evals, loss=0.1):
+        rows = [{"step": s, "eval/pass@1": v, "loss": loss, "grad_norm": 1.0} for s, v in evals.items()]
+        return RunData(None, "a", 0, {}, rows, {})
+
+    assert not collapsed(run({0: 0.2, 10: 0.5, 20: 0.45}))
+    assert collapsed(run({0: 0.2, 10: 0.5, 20: 0.2}))
+    assert collapsed(run({0: 0.2, 10: 0.3}, loss=None))
+
+
+def test_plot_gates_uses_the_librarys_gate_functions(tmp_path, monkeypatch):
+    import sapo.plots
+
+    calls = []
+    real = sapo.plots.soft_gate
+    monkeypatch.setattr(sapo.plots, "soft_gate", lambda r, tau: calls.append(tau) or real(r, tau))
+    out = sapo.plots.plot_gates(tmp_path / "gates.png", tau_pos=1.0, tau_neg=2.0)
+    assert out.stat().st_size > 20_000 and sorted(set(calls)) == [1.0, 2.0]
+
+    r = torch.linspace(0.05, 3.0, 200, dtype=torch.float64)
+    curves = gate_curves(r, tau_pos=1.0, tau_neg=2.0)
+    sapo_neg = curves["SAPO A<0 (tau=2)"]
+    torch.testing.assert_close(sapo_neg["value"], sapo.soft_gate(r, 2.0))
+    torch.testing.assert_close(sapo_neg["weight"], sapo.soft_gate_weight(r, 2.0))
+    grpo_pos = curves["GRPO A>0 (eps=0.2)"]
+    torch.testing.assert_close(grpo_pos["weight"], (r < 1.2).double())
+    result = subprocess.run([sys.executable, "-m", "sapo", "plot", "gates", "--out", str(tmp_path / "g2.png")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and (tmp_path / "g2.png").is_file()
