@@ -96,3 +96,24 @@ def test_train_without_a_config_runs_the_demo(tmp_path):
                                        "greedy_accuracy_after", "wall_seconds"} <= set(summary)
     assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file() and (tmp_path / "training.png").is_file()
     assert "run summary" in result.stdout
+
+
+def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a: 1\n- b: 2\n")
+    (tmp_path / "broken.yaml").write_text("loss_type: [sapo\n")
+    for name, message in (("list.yaml", "expected a mapping"), ("broken.yaml", "is not valid YAML")):
+        result = sapo_train(str(tmp_path / name))
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    from sapo.demo import shipped_model_path
+
+    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--samples", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--samples must be at least 1" in result.stderr
+
+
+def test_warmstart_refuses_to_overwrite_a_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, "-m", "sapo", "warmstart", "--out", str(tmp_path), "--steps", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "does not hold a model" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -73,6 +73,19 @@ def test_collapse_definition():
     assert not collapsed(run({0: 0.2, 10: 0.5, 20: 0.45}))
     assert collapsed(run({0: 0.2, 10: 0.5, 20: 0.2}))
     assert collapsed(run({0: 0.2, 10: 0.3}, loss=None))
+    assert collapsed(run({0: 0.3, 10: 0.0, 20: 0.0}))  # fell from the start and stayed down
+    assert collapsed(run({0: 0.5, 20: 0.1}))  # evaluated only at the start and the end
+
+
+def test_runs_with_different_configs_never_share_an_arm():
+    def run(lr, seed):
+        return RunData(None, "sapo", seed, {"loss_type": "sapo", "learning_rate": lr, "seed": seed, "output_dir": "x"},
+                       [], {})
+
+    from sapo.report import group_arms
+
+    arms = group_arms([run(1e-4, 0), run(1e-2, 0), run(1e-4, 1)])
+    assert {k: [r.seed for r in v] for k, v in arms.items()} == {"sapo": [0, 1], "sapo #2": [0]}
 
 
 def test_plot_gates_uses_the_librarys_gate_functions(tmp_path, monkeypatch):

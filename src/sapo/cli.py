@@ -63,6 +63,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     try:
+        if args.samples < 1:
+            raise ConfigError(f"--samples must be at least 1, got {args.samples}")
         task = get_task(args.task)
         tokenizer = load_tokenizer(args.model)
         rows = load_rows(args.task, split="test", task_kwargs=_kwargs(args.task_kwargs))[: args.problems]
@@ -127,7 +129,12 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 def _cmd_warmstart(args: argparse.Namespace) -> int:
     from .warmstart import warmstart
 
-    out = warmstart(args.out, task=args.task, task_kwargs=_kwargs(args.task_kwargs), steps=args.steps, seed=args.seed)
+    try:
+        out = warmstart(args.out, task=args.task, task_kwargs=_kwargs(args.task_kwargs), steps=args.steps,
+                        seed=args.seed)
+    except ValueError as err:
+        print(f"sapo warmstart: error: {err}", file=sys.stderr)
+        return 2
     print(f"saved {out}")
     return 0
 
@@ -145,9 +152,14 @@ def _load_config(items: list[str]):
     named = {i.split("=", 1)[0] for i in items}
     if path is not None:
         try:
-            named |= set(yaml.safe_load(open(path)) or {})
+            loaded = yaml.safe_load(open(path)) or {}
         except OSError as err:
             raise ConfigError(f"config file {path!r}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path!r}: expected a mapping of field: value, got {type(loaded).__name__}")
+        named |= set(loaded)
     base = None if named & {"model", "dataset"} else demo_settings()
     return TrainConfig.from_sources(path, items, base=base)
 

@@ -146,7 +146,10 @@ class TrainConfig:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
-            loaded = yaml.safe_load(path.read_text()) or {}
+            try:
+                loaded = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
             values.update(loaded)

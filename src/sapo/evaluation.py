@@ -35,7 +35,7 @@ class EvalTotals:
     pass_k: float = 0.0
     greedy_correct: float = 0.0
     k: int = 1
-    per_problem: list[float] = field(default_factory=list)  # fraction of correct samples, for error bars
+    per_problem: list[float] = field(default_factory=list)  # fraction correct per problem, this shard only
 
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.problems, self.samples, self.correct, self.reward, self.pass_k, self.greedy_correct],

@@ -60,12 +60,26 @@ def load_run(directory: str | Path) -> RunData | None:
     return run
 
 
+def group_arms(runs: list[RunData]) -> dict[str, list[RunData]]:
+    """Runs with the same configuration but for the seed form an arm. Its name is the one given by
+    compare/sweep (arm.json) or the loss type; runs whose configs differ never share an arm."""
+    groups: dict[str, list[RunData]] = {}
+    labels: dict[str, str] = {}
+    for run in runs:
+        key = yaml.safe_dump({k: v for k, v in run.config.items() if k not in VOLATILE}, sort_keys=True)
+        if key not in labels:
+            taken = sum(1 for label in labels.values() if label.split(" #")[0] == run.arm)
+            labels[key] = run.arm if taken == 0 else f"{run.arm} #{taken + 1}"
+        groups.setdefault(labels[key], []).append(run)
+    return groups
+
+
 def collapsed(run: RunData) -> bool:
     """A run collapsed if a loss or gradient norm was non-finite (logged as null), or if its final
-    held-out Pass@1 fell below half of its best (after training started)."""
+    held-out Pass@1 fell below half of its best, the starting evaluation included."""
     if any(r.get(k, 0.0) is None for r in run.rows for k in ("loss", "grad_norm")):
         return True
-    evals = [v for s, v in sorted(run.series("eval/pass@1").items()) if s > 0]
+    evals = [v for _, v in sorted(run.series("eval/pass@1").items())]
     return bool(evals) and evals[-1] < 0.5 * max(evals)
 
 
@@ -105,9 +119,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path, *, threshold: 
     runs = [r for r in (load_run(d) for d in run_dirs) if r is not None]
     if not runs:
         raise ValueError("no finished run (with summary.json) among the given directories")
-    arms: dict[str, list[RunData]] = {}
-    for run in runs:
-        arms.setdefault(run.arm, []).append(run)
+    arms = group_arms(runs)
     table = {arm: arm_table(rs, threshold) for arm, rs in arms.items()}
     (out_dir / "report.json").write_text(json.dumps(table, indent=2) + "\n")
     curves = plot_curves(arms, out_dir / "curves.png")
@@ -122,6 +134,10 @@ def _fmt(mean: float | None, std: float | None = None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
 
+def _fmt_seeds(mean: float | None, std: float | None, seeds: int) -> str:
+    return _fmt(mean, std if seeds > 1 else None)
+
+
 def _markdown(title, command, arms, table, curves, ratios, threshold) -> str:
     lines = [f"# {title}", ""]
     if command:
@@ -134,12 +150,13 @@ def _markdown(title, command, arms, table, curves, ratios, threshold) -> str:
     for arm, row in table.items():
         steps = "-" if row["steps_to_threshold_mean"] is None else f"{row['steps_to_threshold_mean']:.0f}"
         lines.append(f"| {arm} | {len(row['seeds'])} | {_fmt(row['start_pass@1_mean'])} | "
-                     f"{_fmt(row['final_pass@1_mean'], row['final_pass@1_std'])} | "
-                     f"{_fmt(row['best_pass@1_mean'], row['best_pass@1_std'])} | {steps} "
+                     f"{_fmt_seeds(row['final_pass@1_mean'], row['final_pass@1_std'], len(row['seeds']))} | "
+                     f"{_fmt_seeds(row['best_pass@1_mean'], row['best_pass@1_std'], len(row['seeds']))} | {steps} "
                      f"({row['runs_reaching_threshold']}/{len(row['seeds'])}) | {row['collapsed_runs']} | "
                      f"{'-' if row['wall_seconds_mean'] is None else format(row['wall_seconds_mean'], '.0f')} |")
     lines += ["", "Mean ± standard deviation over seeds. A run *collapsed* if a loss or gradient norm was "
-              "non-finite, or its final held-out Pass@1 fell below half of its best.", "",
+              "non-finite, or its final held-out Pass@1 fell below half of its best (the starting evaluation "
+              "included).", "",
               f"![curves]({curves.name})", "",
               "Curves: mean over seeds, band from the lowest to the highest seed.", "",
               f"![off-policy log-ratios]({ratios.name})", "",

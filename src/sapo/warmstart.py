@@ -23,6 +23,9 @@ def warmstart(out_dir: str | Path, *, task: str = "arithmetic", task_kwargs: dic
               batch_size: int = 64, learning_rate: float = 3e-3, hidden_size: int = 128, num_layers: int = 4,
               seed: int = 0, log_every: int = 50, progress=print) -> Path:
     """Train and save the model; returns out_dir. Deterministic for a given seed and torch build."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise ValueError(f"{out_dir} exists and does not hold a model: choose a new or empty directory")
     spec = get_task(task)
     if spec.target is None:
         raise ValueError(f"task {task!r} has no reference completions to warm-start from")
@@ -50,7 +53,6 @@ def warmstart(out_dir: str | Path, *, task: str = "arithmetic", task_kwargs: dic
         optimizer.zero_grad(set_to_none=True)
         if progress and (step + 1) % log_every == 0:
             progress(f"step {step + 1}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f}s")
-    out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -70,6 +70,11 @@ def test_never_calls_eval_or_exec(monkeypatch):
     assert out == [1.0, 0.0, 0.0]
 
 
+def test_operand_count_is_bounded():
+    with pytest.raises(ValueError, match="operands <= 10"):
+        load("test", operands=70)
+
+
 def test_parser_errors_are_its_own():
     with pytest.raises(InvalidExpression, match="too long"):
         evaluate("1+" * 100 + "1")

@@ -8,7 +8,7 @@ import re
 from ..rewards import completion_text, register_reward
 from . import Task, register_task, split_problems
 
-_INTEGER = re.compile(r"[+-]?\d+")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,50}")  # ASCII digits only (\d also matches '４' and '٤')
 
 
 def make_problem(rng: random.Random, digits: int = 2, operands: int = 2, ops: str = "+") -> dict:

@@ -153,8 +153,8 @@ def make_problem(rng: random.Random, operands: int = 3, max_number: int = 20) ->
 
 def load(split: str, seed: int = 0, *, operands: int = 3, max_number: int = 20, train_size: int = 5000,
          test_size: int = 200) -> list[dict]:
-    if operands < 2 or max_number < 1:
-        raise ValueError(f"countdown: need operands >= 2 and max_number >= 1, got {operands}, {max_number}")
+    if not 2 <= operands <= 10 or max_number < 1:
+        raise ValueError(f"countdown: need 2 <= operands <= 10 and max_number >= 1, got {operands}, {max_number}")
     return split_problems(lambda rng: make_problem(rng, operands, max_number), split, seed,
                           train_size=train_size, test_size=test_size, key="prompt")
 
