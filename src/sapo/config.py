@@ -40,6 +40,11 @@ class TrainConfig:
     """Local path of a Hugging Face causal LM directory (anything AutoModelForCausalLM loads)."""
     dataset: str = ""
     """A local .jsonl, .json or .parquet file with a `prompt` column, or a built-in task name."""
+    dataset_format: str = "trl"
+    """Rows of `dataset`/`eval_dataset` files: "trl" (a `prompt` column), "gsm8k" (`question`,
+    `answer` ending in "#### 42") or "math" (`problem`, `solution` with a \\boxed{} answer)."""
+    prompt_template: str = "{question}\nPut your final answer within \\boxed{{}}."
+    """Prompt of a "gsm8k" or "math" row; {question} is replaced by its question or problem."""
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     """Options of a built-in task, e.g. {digits: 3, operands: 3} (`sapo tasks` lists them)."""
     eval_dataset: str | None = None
@@ -215,6 +220,7 @@ class TrainConfig:
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("optim", self.optim, OPTIMIZERS)
+        _choice("dataset_format", self.dataset_format, ("trl", "gsm8k", "math"))
         for reporter in self.report_to:
             _choice("report_to", reporter, REPORTERS)
             module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(reporter)

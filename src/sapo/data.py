@@ -118,3 +118,29 @@ def prompts_for_step(step: int, prompts_per_step: int, num_rows: int, seed: int)
 def _epoch_order(seed: int, epoch: int, num_rows: int) -> list[int]:
     generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
     return torch.randperm(num_rows, generator=generator).tolist()
+
+
+def gsm8k_rows(path: str, template: str = "{question}\nPut your final answer within \\boxed{{}}.") -> list[dict[str, Any]]:
+    """A local GSM8K-style file (`question`, `answer` ending in "#### 42") as trainer rows:
+    `prompt` from the template, `answer` the number after ####, without thousands separators."""
+    rows = []
+    for i, row in enumerate(load_rows(path)):
+        if "question" not in row or "answer" not in row or "####" not in str(row["answer"]):
+            raise ConfigError(f"{path} row {i}: a GSM8K row needs 'question' and an 'answer' ending in '#### <number>'")
+        gold = str(row["answer"]).split("####")[-1].strip().replace(",", "")
+        rows.append({"prompt": template.format(question=row["question"]), "answer": gold})
+    return rows
+
+
+def math_rows(path: str, template: str = "{question}\nPut your final answer within \\boxed{{}}.") -> list[dict[str, Any]]:
+    """A local MATH-style file (`problem`, `solution` with a \\boxed{} answer) as trainer rows."""
+    from .rewards.math_answers import last_boxed
+
+    rows = []
+    for i, row in enumerate(load_rows(path)):
+        gold = last_boxed(str(row.get("solution", "")))
+        if "problem" not in row or gold is None:
+            raise ConfigError(f"{path} row {i}: a MATH row needs 'problem' and a 'solution' with a \\boxed{{}} answer")
+        rows.append({"prompt": template.format(question=row["problem"]), "answer": gold,
+                     **{k: v for k, v in row.items() if k in ("level", "type")}})
+    return rows

@@ -20,7 +20,7 @@ from .advantages import group_advantages
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .diagnostics import OffPolicyStats
-from .data import PromptSet, load_rows, prepare_prompts, prompts_for_step
+from .data import PromptSet, gsm8k_rows, load_rows, math_rows, prepare_prompts, prompts_for_step
 from .models import disable_dropout, frozen_copy, load_model, load_tokenizer, mixed_precision
 from .rollout import Rollout, batched_logprobs, decode, generate, group_seeds
 from .summary import print_summary, summarize
@@ -37,6 +37,7 @@ class StepRewards:
     per_func: torch.Tensor  # (N, F)
     errors: int
     completions: list
+    extra: dict
 
 
 class Trainer:
@@ -85,7 +86,11 @@ class Trainer:
             Path(config.output_dir, "config.yaml").write_text(config.to_yaml())
 
     def _prompts(self, spec: str, split: str) -> PromptSet:
-        rows = load_rows(spec, split=split, task_kwargs=self.config.task_kwargs)
+        cfg = self.config
+        if cfg.dataset_format == "trl":
+            rows = load_rows(spec, split=split, task_kwargs=cfg.task_kwargs)
+        else:
+            rows = {"gsm8k": gsm8k_rows, "math": math_rows}[cfg.dataset_format](spec, cfg.prompt_template)
         prompts = prepare_prompts(rows, self.tokenizer, max_prompt_length=self.config.max_prompt_length,
                                   filter_overlong=self.config.filter_overlong_prompts, name=spec)
         columns = [k for k in prompts.rows[0] if k != "prompt"]
@@ -172,7 +177,7 @@ class Trainer:
         scores = reward_lib.score(self.rewards, self.reward_weights, [prompts.rows[r]["prompt"] for r in rollout.row_indices],
                                   completions, ids, prompts.columns(rollout.row_indices),
                                   skip_errors=self.config.skip_reward_errors)
-        return StepRewards(scores.total, scores.per_func, scores.errors, completions)
+        return StepRewards(scores.total, scores.per_func, scores.errors, completions, scores.extra)
 
     def _advantages(self, total: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -203,6 +208,7 @@ class Trainer:
             "rewards/errors": float(self.acc.reduce(torch.tensor(float(scored.errors), device=self.acc.device), "sum")),
             "_tokens": float(lengths.sum()),
         }
+        metrics.update(scored.extra)
         for j, reward in enumerate(self.rewards):
             column = per_func[:, j]
             column = column[~column.isnan()]

@@ -37,7 +37,6 @@ def available_rewards() -> list[str]:
 
 def _load_task_rewards() -> None:
     from ..tasks import _load_builtins  # the built-in tasks register their rewards
-
     _load_builtins()
 
 
@@ -111,6 +110,9 @@ def check_signature(reward: NamedReward, columns: list[str]) -> None:
 class RewardScores:
     per_func: torch.Tensor
     """(N, F) float64, NaN where a function returned None or raised (when skipping errors)."""
+    extra: dict[str, float]
+    """Counters a reward function reports through its optional `reward_metrics()` attribute,
+    as "rewards/<name>/<key>" (e.g. math_accuracy's timeouts)."""
     total: torch.Tensor
     """(N,) weighted sum over the functions that apply; NaN where none applies."""
     errors: int
@@ -132,7 +134,9 @@ def score(rewards: list[NamedReward], weights: list[float], prompts: list, compl
     applies = ~torch.isnan(per_func)
     total = torch.where(applies, per_func * w, 0.0).sum(-1)
     total = torch.where(applies.any(-1), total, math.nan)
-    return RewardScores(per_func, total, len(errors))
+    extra = {f"rewards/{r.name}/{k}": v for r in rewards if callable(getattr(r.fn, "reward_metrics", None))
+             for k, v in r.fn.reward_metrics().items()}
+    return RewardScores(per_func, extra, total, len(errors))
 
 
 def _call(reward: NamedReward, prompts, completions, completion_ids, columns, skip_errors) -> tuple[list, set[int]]:
@@ -201,3 +205,8 @@ class RewardError(RuntimeError):
 def _short(x: Any, n: int = 80) -> str:
     s = repr(completion_text(x) if isinstance(x, list) else x)
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# Built-in rewards that live in their own modules (they register themselves).
+from .formats import format_reward  # noqa: E402
+from .math_answers import math_accuracy  # noqa: E402
