@@ -56,6 +56,9 @@ class TrainConfig:
     skip_reward_errors: bool = False
     """If a reward function raises: False stops the run naming it and the sample; True scores the
     sample as 'does not apply' (advantage 0) and counts it in `rewards/errors`."""
+    allow_unsandboxed_code: bool = False
+    """Let code rewards run programs without bubblewrap's isolation (no network namespace) when it
+    is unavailable; by default the run refuses to start."""
     filter_overlong_prompts: bool = False
     """Drop prompts longer than `max_prompt_length` tokens instead of stopping with an error."""
 

@@ -64,6 +64,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(config.model)
         self.rewards = [reward_lib.load_reward_function(spec) for spec in config.reward_funcs]
         self.reward_weights = config.reward_weights or [1.0] * len(self.rewards)
+        for reward in self.rewards:  # e.g. the code sandbox: fail now, not at the first rollout
+            if callable(getattr(reward.fn, "prepare", None)):
+                reward.fn.prepare(allow_unsandboxed=config.allow_unsandboxed_code)
         self.train_set = self._prompts(config.dataset, "train")
         self.eval_set = self._prompts(config.eval_dataset, "test") if config.eval_dataset else None
 

@@ -208,5 +208,6 @@ def _short(x: Any, n: int = 80) -> str:
 
 
 # Built-in rewards that live in their own modules (they register themselves).
+from .code import code_tests  # noqa: E402
 from .formats import format_reward  # noqa: E402
 from .math_answers import math_accuracy  # noqa: E402

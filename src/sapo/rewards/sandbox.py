@@ -1,0 +1,171 @@
+"""Running untrusted, model-written programs.
+
+A program never runs in the trainer's process. Each run gets a fresh temporary directory and:
+- bubblewrap (`bwrap`): new user, PID, network, IPC and UTS namespaces (no network at all), the
+  host filesystem read-only, a private /tmp, only its own directory writable, an empty
+  environment, no capabilities, killed with its parent;
+- a non-root uid (65534) when the trainer runs as root, so that the process limit applies;
+- rlimits through `prlimit`: CPU seconds, address space, file size, processes, open files;
+- a wall-clock timeout and a cap on the output read back; everything is killed at either.
+
+If bubblewrap cannot start here (not installed, or user namespaces disabled), `Sandbox()`
+raises SandboxUnavailable, saying why, unless `allow_unsandboxed=True`: then programs run with
+the rlimits, the empty environment and the temporary directory only, and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+from ..config import ConfigError
+
+NOBODY = 65534
+
+
+class SandboxUnavailable(ConfigError):
+    """The isolation the sandbox needs cannot be set up on this machine."""
+
+
+@dataclass
+class Limits:
+    wall_seconds: float = 10.0
+    cpu_seconds: int = 5
+    memory_bytes: int = 1 << 30
+    file_bytes: int = 16 << 20
+    processes: int = 64
+    output_bytes: int = 1 << 20
+
+
+@dataclass
+class Result:
+    status: str  # "ok" (exited), "timeout", "output_limit", "infra" (the sandbox itself failed)
+    returncode: int | None
+    stdout: str
+    stderr: str
+
+
+class Sandbox:
+    def __init__(self, limits: Limits | None = None, *, allow_unsandboxed: bool = False,
+                 python: str | None = None) -> None:
+        self.limits = limits or Limits()
+        # The system interpreter: the trainer's may live where uid 65534 cannot read (e.g. under /root).
+        self.python = python or next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)),
+                                     sys.executable)
+        self.isolated = self._probe()
+        if not self.isolated:
+            message = ("code rewards need bubblewrap with user namespaces to run model-written programs without "
+                       "network and outside the trainer (apt-get install bubblewrap)")
+            if not allow_unsandboxed:
+                raise SandboxUnavailable(message + "; or set allow_unsandboxed_code=true to run them with rlimits only, "
+                                         "with network access")
+            warnings.warn("UNSANDBOXED CODE EXECUTION: " + message, RuntimeWarning, stacklevel=2)
+
+    def _probe(self) -> bool:
+        if shutil.which("bwrap") is None or shutil.which("prlimit") is None:
+            return False
+        with tempfile.TemporaryDirectory() as work:
+            os.chmod(work, 0o777)
+            try:
+                done = subprocess.run(self._command(work, ["/bin/true"], isolated=True), capture_output=True, timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                return False
+        return done.returncode == 0
+
+    def _command(self, work: str, argv: list[str], *, isolated: bool) -> list[str]:
+        lim = self.limits
+        cmd = ["prlimit", f"--cpu={lim.cpu_seconds}", f"--as={lim.memory_bytes}", f"--fsize={lim.file_bytes}",
+               f"--nproc={lim.processes}", "--nofile=64", "--"]
+        if os.geteuid() == 0:  # root is exempt from the process limit; the program never runs as root
+            cmd += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+        if isolated:
+            cmd += ["bwrap", "--ro-bind", "/", "/", "--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc",
+                    "--bind", work, work, "--chdir", work, "--unshare-all", "--die-with-parent", "--new-session",
+                    "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--cap-drop", "ALL"]
+        return cmd + argv
+
+    def run_python(self, program: str, stdin: str = "") -> Result:
+        """Run `program` with `python -I` (stdlib only, no user site, no PYTHON* variables)."""
+        work = tempfile.mkdtemp(prefix="sapo-sandbox-")
+        try:
+            os.chmod(work, 0o777)
+            path = os.path.join(work, "program.py")
+            with open(path, "w") as f:
+                f.write(program)
+            os.chmod(path, 0o644)
+            argv = [self.python, "-I", path]
+            for attempt in range(8):
+                result = self._run(self._command(work, argv, isolated=self.isolated), stdin, work)
+                # A killed run's namespace takes a moment to die; until then uid 65534 may be at its
+                # process limit and a new namespace cannot start. That is worth waiting out.
+                if result.status != "infra" or "Resource temporarily unavailable" not in result.stderr:
+                    break
+                time.sleep(0.25 * (attempt + 1))
+            return result
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _run(self, cmd: list[str], stdin: str, work: str) -> Result:
+        lim = self.limits
+        try:
+            process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       cwd=work, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
+        except OSError as err:
+            return Result("infra", None, "", f"could not start the sandbox: {err}")
+        try:
+            process.stdin.write(stdin.encode())
+            process.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        selector = selectors.DefaultSelector()
+        buffers = {process.stdout: bytearray(), process.stderr: bytearray()}
+        for stream in buffers:
+            selector.register(stream, selectors.EVENT_READ)
+        deadline = time.monotonic() + lim.wall_seconds
+        status = "ok"
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                status = "timeout"
+                break
+            for key, _ in selector.select(timeout=min(remaining, 0.5)):
+                chunk = os.read(key.fileobj.fileno(), 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                    continue
+                buffers[key.fileobj] += chunk
+                if sum(len(b) for b in buffers.values()) > lim.output_bytes:
+                    status = "output_limit"
+                    break
+            if status != "ok":
+                break
+        if status != "ok":
+            _kill(process)
+        try:
+            returncode = process.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+            _kill(process)
+            returncode = process.wait()
+        selector.close()
+        stdout = buffers[process.stdout][: lim.output_bytes].decode(errors="replace")
+        stderr = buffers[process.stderr][: lim.output_bytes].decode(errors="replace")
+        if status == "ok" and self.isolated and returncode != 0 and stderr.startswith("bwrap:"):
+            status = "infra"
+        return Result(status, returncode, stdout, stderr)
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """Kill the whole session: bwrap's namespace dies with it (--die-with-parent)."""
+    try:
+        os.killpg(process.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
+    process.kill()
