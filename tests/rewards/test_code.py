@@ -41,10 +41,35 @@ def test_assert_style_tests_and_no_tests(reward):
     assert reward(["p"], [program], [[]]) == [None]
 
 
+def test_exiting_early_does_not_pass_assert_tests(reward):
+    for cheat in ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)"):
+        program = fenced(f"{cheat}\ndef add(a, b):\n    return 0")
+        assert reward(["p"], [program], [["assert add(1, 2) == 3"]]) == [0.0], cheat
+
+
+def test_faking_a_sandbox_failure_scores_zero(reward):
+    program = fenced("import sys\nsys.stderr.write('bwrap: Resource temporarily unavailable\\n')\nsys.exit(1)")
+    assert reward(["p"], [program], [ECHO_TESTS[:1]]) == [0.0]
+
+
+def test_large_input_streamed_through_the_program(reward):
+    lines = "\n".join(str(i) for i in range(200_000))
+    program = fenced("import sys\nprint(sum(int(line) for line in sys.stdin))")
+    assert reward(["p"], [program], [[{"input": lines, "output": str(sum(range(200_000)))}]]) == [1.0]
+
+
+def test_only_the_system_python_is_visible():
+    result = Sandbox(LIMITS).run_python("import os\nprint(sorted(os.listdir('/')))")
+    assert "root" not in result.stdout and "work" not in result.stdout and "usr" in result.stdout
+
+
 def test_output_must_match_whole():
     assert same_output("6  \n\n", "6") and same_output("a\nb ", "a\nb\n")
     assert not same_output("6\n7", "6") and not same_output("66", "6") and not same_output("", "6")
-    assert extract_program("```python\na\n```\ntext\n```\nb\n```") == "b\n"
+    assert extract_program("```python\na\n```\ntext\n```\nb\n```") == "a\n"  # tagged beats bare output
+    assert extract_program("```Python\r\nprint(1)\r\n```") == "print(1)\n"
+    assert extract_program("```\nx = 1\n```\n```py\nprint('```')\n```") == "print('```')\n"
+    assert extract_program("no fence") is None
 
 
 HOSTILE = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -10,13 +11,18 @@ from typing import Any, Callable
 from . import completion_text, register_reward
 from .sandbox import Limits, Result, Sandbox
 
-_FENCE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
+# A fence opens and closes at the start of a line; the language tag is optional.
+_FENCE = re.compile(r"^```[ \t]*(\w*)[ \t]*\r?\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
 def extract_program(completion: str) -> str | None:
-    """The last fenced code block (```python ... ```, or a bare ``` fence)."""
+    """The last ```python block (any case of "python", "py", "python3"); if there is none, the
+    last untagged block."""
     blocks = _FENCE.findall(completion)
-    return blocks[-1] if blocks else None
+    python = [code for tag, code in blocks if tag.lower() in ("python", "py", "python3")]
+    bare = [code for tag, code in blocks if not tag]
+    chosen = python or bare
+    return chosen[-1].replace("\r\n", "\n") if chosen else None
 
 
 def same_output(actual: str, expected: str) -> bool:
@@ -52,11 +58,16 @@ class CodeRunner:
     def run_test(self, program: str, test: Any) -> bool | None:
         """True/False for a passed/failed test; None when the sandbox itself failed."""
         if isinstance(test, dict):
+            if "output" not in test:
+                raise ValueError(f"a stdin/stdout test needs an 'output' (and optionally 'input'), got {test!r}")
             result = self.sandbox.run_python(program, str(test.get("input", "")))
             ok = result.status == "ok" and result.returncode == 0 and same_output(result.stdout, str(test["output"]))
-        else:  # an assert-style test: appended to the program, passes if the whole runs cleanly
-            result = self.sandbox.run_python(f"{program}\n\n{test}\n")
-            ok = result.status == "ok" and result.returncode == 0
+        else:
+            # An assert-style test is appended to the program; it passes only if a random token
+            # printed after it shows up, so an early sys.exit(0) or os._exit(0) does not pass.
+            token = secrets.token_hex(16)
+            result = self.sandbox.run_python(f"{program}\n\n{test}\nprint({token!r}, flush=True)\n")
+            ok = result.status == "ok" and result.returncode == 0 and token in result.stdout
         return None if result.status == "infra" else ok
 
     def score(self, programs: list[str | None], tests: list[list[Any]], *, all_or_nothing: bool) -> list[float | None]:

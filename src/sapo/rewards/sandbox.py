@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,9 +39,10 @@ class SandboxUnavailable(ConfigError):
 class Limits:
     wall_seconds: float = 10.0
     cpu_seconds: int = 5
-    memory_bytes: int = 1 << 30
+    memory_bytes: int = 512 << 20  # per process; with `processes` it bounds the total
     file_bytes: int = 16 << 20
-    processes: int = 64
+    processes: int = 16
+    tmp_bytes: int = 64 << 20  # the private /tmp, in RAM
     output_bytes: int = 1 << 20
 
 
@@ -57,8 +59,7 @@ class Sandbox:
                  python: str | None = None) -> None:
         self.limits = limits or Limits()
         # The system interpreter: the trainer's may live where uid 65534 cannot read (e.g. under /root).
-        self.python = python or next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)),
-                                     sys.executable)
+        self.python = python or next((p for p in ("/usr/bin/python3",) if os.path.exists(p)), sys.executable)
         self.isolated = self._probe()
         if not self.isolated:
             message = ("code rewards need bubblewrap with user namespaces to run model-written programs without "
@@ -79,21 +80,35 @@ class Sandbox:
                 return False
         return done.returncode == 0
 
-    def _command(self, work: str, argv: list[str], *, isolated: bool) -> list[str]:
+    def _command(self, work: str, argv: list[str], *, isolated: bool, status_fd: int | None = None) -> list[str]:
         lim = self.limits
+        if os.geteuid() == 0:
+            # Root is exempt from RLIMIT_NPROC, so the program runs as uid 65534, where it counts.
+            nproc, drop = lim.processes, ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+        else:
+            # RLIMIT_NPROC counts every thread of our uid, the trainer's included: allow those.
+            nproc, drop = _user_tasks() + lim.processes, []
         cmd = ["prlimit", f"--cpu={lim.cpu_seconds}", f"--as={lim.memory_bytes}", f"--fsize={lim.file_bytes}",
-               f"--nproc={lim.processes}", "--nofile=64", "--"]
-        if os.geteuid() == 0:  # root is exempt from the process limit; the program never runs as root
-            cmd += ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+               f"--nproc={nproc}", "--nofile=64", "--", *drop]
         if isolated:
-            cmd += ["bwrap", "--ro-bind", "/", "/", "--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc",
+            # Only the system's /usr (merged-/usr layout) is visible: no host files, sockets or data.
+            cmd += ["bwrap", "--ro-bind", "/usr", "/usr"]
+            for link in ("bin", "sbin", "lib", "lib64"):
+                if os.path.exists(f"/usr/{link}"):
+                    cmd += ["--symlink", f"usr/{link}", f"/{link}"]
+            cmd += ["--size", str(lim.tmp_bytes), "--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc",
                     "--bind", work, work, "--chdir", work, "--unshare-all", "--die-with-parent", "--new-session",
                     "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--cap-drop", "ALL"]
+            if status_fd is not None:
+                cmd += ["--json-status-fd", str(status_fd)]
         return cmd + argv
 
     def run_python(self, program: str, stdin: str = "") -> Result:
         """Run `program` with `python -I` (stdlib only, no user site, no PYTHON* variables)."""
-        work = tempfile.mkdtemp(prefix="sapo-sandbox-")
+        try:
+            work = tempfile.mkdtemp(prefix="sapo-sandbox-")
+        except OSError as err:
+            return Result("infra", None, "", f"no temporary directory: {err}")
         try:
             os.chmod(work, 0o777)
             path = os.path.join(work, "program.py")
@@ -101,34 +116,41 @@ class Sandbox:
                 f.write(program)
             os.chmod(path, 0o644)
             argv = [self.python, "-I", path]
-            for attempt in range(8):
-                result = self._run(self._command(work, argv, isolated=self.isolated), stdin, work)
+            for attempt in range(5):
+                result = self._run(work, argv, stdin)
                 # A killed run's namespace takes a moment to die; until then uid 65534 may be at its
                 # process limit and a new namespace cannot start. That is worth waiting out.
-                if result.status != "infra" or "Resource temporarily unavailable" not in result.stderr:
+                if result.status != "infra":
                     break
                 time.sleep(0.25 * (attempt + 1))
             return result
+        except OSError as err:
+            return Result("infra", None, "", f"could not prepare the run: {err}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _run(self, cmd: list[str], stdin: str, work: str) -> Result:
+    def _run(self, work: str, argv: list[str], stdin: str) -> Result:
         lim = self.limits
+        deadline = time.monotonic() + lim.wall_seconds
+        # bwrap reports on this pipe when the program has started: only a run that never started
+        # is an infrastructure failure (the program's own stderr could say anything).
+        status_r, status_w = os.pipe()
+        cmd = self._command(work, argv, isolated=self.isolated, status_fd=status_w if self.isolated else None)
         try:
             process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       cwd=work, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
+                                       cwd=work, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+                                       pass_fds=(status_w,))
         except OSError as err:
+            os.close(status_r)
+            os.close(status_w)
             return Result("infra", None, "", f"could not start the sandbox: {err}")
-        try:
-            process.stdin.write(stdin.encode())
-            process.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
+        os.close(status_w)
+        # Feed stdin from a thread: a program that reads and prints as it goes must not block us.
+        threading.Thread(target=_feed, args=(process.stdin, stdin.encode()), daemon=True).start()
         selector = selectors.DefaultSelector()
         buffers = {process.stdout: bytearray(), process.stderr: bytearray()}
         for stream in buffers:
             selector.register(stream, selectors.EVENT_READ)
-        deadline = time.monotonic() + lim.wall_seconds
         status = "ok"
         while selector.get_map():
             remaining = deadline - time.monotonic()
@@ -155,11 +177,34 @@ class Sandbox:
             _kill(process)
             returncode = process.wait()
         selector.close()
+        with os.fdopen(status_r, "rb") as f:
+            started = b"child-pid" in f.read()
         stdout = buffers[process.stdout][: lim.output_bytes].decode(errors="replace")
         stderr = buffers[process.stderr][: lim.output_bytes].decode(errors="replace")
-        if status == "ok" and self.isolated and returncode != 0 and stderr.startswith("bwrap:"):
+        if self.isolated and not started:
             status = "infra"
         return Result(status, returncode, stdout, stderr)
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        pipe.close()
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _user_tasks() -> int:
+    """Processes and threads of this uid: what RLIMIT_NPROC counts."""
+    uid, count = os.getuid(), 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry}/task"))
+            except OSError:
+                pass
+    return count
 
 
 def _kill(process: subprocess.Popen) -> None:
