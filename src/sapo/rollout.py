@@ -119,6 +119,6 @@ def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_si
     return torch.cat(parts)
 
 
-def group_seeds(seed: int, step: int, positions: list[int], kind: str = "rollout") -> list[int]:
+def group_seeds(seed: int, step: int, positions: list[int]) -> list[int]:
     """One sampling seed per prompt, from its position in the step's global batch."""
-    return [derive_seed(seed, kind, step, p) for p in positions]
+    return [derive_seed(seed, "rollout", step, p) for p in positions]
