@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .advantages import group_advantages
+from .chunked_logprobs import token_logprobs
 from .config import ConfigError, TrainConfig
 from .losses import (
     LOG_RATIO_CLAMP,
@@ -25,7 +26,6 @@ try:
     __version__ = version("sapo-rl")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
-
 
 
 def __getattr__(name: str):
@@ -58,4 +58,5 @@ __all__ = [
     "register_policy_loss",
     "soft_gate",
     "soft_gate_weight",
+    "token_logprobs",
 ]

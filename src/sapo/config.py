@@ -83,6 +83,10 @@ class TrainConfig:
     """Passes over each rollout batch (TRL's num_iterations, PPO epochs)."""
     micro_batch_size: int = 8
     """Responses per forward/backward pass; gradients are accumulated so the update does not depend on it."""
+    logprob_chunk_size: int = 8192
+    """Vocabulary entries per chunk when computing log-probabilities from the final hidden states
+    (`sapo.token_logprobs`): no (tokens x vocabulary) logits are held. 0: full logits +
+    log_softmax. Models whose output layer is not a plain linear layer use full logits anyway."""
     optim: str = "adamw"
     """Optimizer: "adamw" (torch.optim.AdamW) or "sgd" (plain gradient steps, handy to compare updates)."""
     learning_rate: float = 1e-6
@@ -204,7 +208,7 @@ class TrainConfig:
         for name in ("prompts_per_step", "max_prompt_length", "max_completion_length", "num_minibatches",
                      "num_iterations", "micro_batch_size", "max_steps", "eval_num_generations"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be a positive integer")
-        for name in ("eval_steps", "save_steps", "warmup_steps", "log_completions"):
+        for name in ("eval_steps", "save_steps", "warmup_steps", "log_completions", "logprob_chunk_size"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         batch = self.prompts_per_step * self.num_generations
         _require(batch % self.num_minibatches == 0, "num_minibatches", self.num_minibatches,

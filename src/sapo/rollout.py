@@ -11,6 +11,7 @@ from transformers import GenerationConfig
 
 from .data import derive_seed
 from .logprobs import completion_logprobs
+from .sampling import sample_groups
 
 
 @dataclass
@@ -39,34 +40,28 @@ class Rollout:
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, group_size: int, max_new_tokens: int,
              temperature: float, top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int],
-             device: torch.device) -> Rollout:
-    """Sample `group_size` completions for each prompt with `model.generate`.
+             device: torch.device, shared_prefill: bool = True) -> Rollout:
+    """Sample `group_size` completions for each prompt.
 
     Each group is sampled under its own seed, so a group's completions depend only on that
     seed: not on batch composition, the number of processes, or a resume. temperature=0 is
-    greedy decoding.
+    greedy decoding. With `shared_prefill` (sampling.py) each prompt is prefilled once and all
+    groups decode in one batch; otherwise, or if the model's cache cannot be expanded,
+    `model.generate` runs once per group, with the same draws.
     """
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, num_return_sequences=group_size)
-    # generate() fills every unset option from model.generation_config (a repetition penalty, say),
-    # which would sample from something other than pi / T: let it see only our config.
-    was_training, model_config = model.training, model.generation_config
+    was_training = model.training
     model.eval()
-    model.generation_config = config
-    completions = []
     try:
-        for ids, seed in zip(prompt_ids, seeds):
-            prompt = torch.tensor([ids], device=device)
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-            completions.extend(out[:, prompt.shape[1]:].tolist())
+        tokens = None
+        if shared_prefill:
+            tokens = sample_groups(model, prompt_ids, group_size=group_size, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, seeds=seeds, device=device)
+        completions = tokens.tolist() if tokens is not None else _generate_per_group(
+            model, prompt_ids, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds, device=device)
     finally:
-        model.generation_config = model_config
         model.train(was_training)
-
     N = len(completions)
     C = max_new_tokens
     completion_ids = torch.full((N, C), pad_token_id, dtype=torch.long)
@@ -95,6 +90,29 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
     )
 
 
+def _generate_per_group(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int,
+                        temperature: float, top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int],
+                        device: torch.device) -> list[list[int]]:
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id, num_return_sequences=group_size)
+    # generate() fills every unset option from model.generation_config (a repetition penalty, say),
+    # which would sample from something other than pi / T: let it see only our config.
+    model_config, model.generation_config = model.generation_config, config
+    completions = []
+    try:
+        for ids, seed in zip(prompt_ids, seeds):
+            prompt = torch.tensor([ids], device=device)
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+            completions.extend(out[:, prompt.shape[1]:].tolist())
+    finally:
+        model.generation_config = model_config
+    return completions
+
+
 def decode(tokenizer, rollout: Rollout, conversational: bool) -> tuple[list, list[list[int]]]:
     """Completions as reward functions see them (text, or assistant messages for conversational
     prompts) and their token ids up to and including EOS."""
@@ -105,7 +123,7 @@ def decode(tokenizer, rollout: Rollout, conversational: bool) -> tuple[list, lis
 
 
 @torch.no_grad()
-def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int) -> Tensor:
+def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int, chunk_size: int = 0) -> Tensor:
     """(N, C) log-probabilities of the rollout's completions, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
@@ -113,7 +131,7 @@ def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_si
     for start in range(0, len(rollout), micro_batch_size):
         part = rollout.select(list(range(start, min(start + micro_batch_size, len(rollout)))))
         logp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                      part.completion_mask, temperature)
+                                      part.completion_mask, temperature, chunk_size=chunk_size)
         parts.append(logp)
     model.train(was_training)
     return torch.cat(parts)

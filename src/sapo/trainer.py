@@ -170,9 +170,11 @@ class Trainer:
             # The behaviour policy's log-probabilities; with one minibatch and one pass the policy
             # cannot move before the update, which then uses its own (detached) ones instead.
             if cfg.num_minibatches > 1 or cfg.num_iterations > 1:
-                rollout.old_logprobs = batched_logprobs(policy, rollout, cfg.temperature, cfg.micro_batch_size)
+                rollout.old_logprobs = batched_logprobs(policy, rollout, cfg.temperature, cfg.micro_batch_size,
+                                                        cfg.logprob_chunk_size)
             if self.ref_model is not None:
-                rollout.ref_logprobs = batched_logprobs(self.ref_model, rollout, cfg.temperature, cfg.micro_batch_size)
+                rollout.ref_logprobs = batched_logprobs(self.ref_model, rollout, cfg.temperature,
+                                                        cfg.micro_batch_size, cfg.logprob_chunk_size)
         return rollout
 
     def _score(self, prompts: PromptSet, rollout: Rollout) -> StepRewards:

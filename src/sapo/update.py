@@ -90,7 +90,8 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     part = rollout.select(idx)
                     logp, entropy = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                                        part.completion_mask, config.temperature, with_entropy=True)
+                                                        part.completion_mask, config.temperature, with_entropy=True,
+                                                        chunk_size=config.logprob_chunk_size)
                     # With one minibatch and one pass the policy has not moved since the rollout:
                     # pi_old is pi_theta and its separate forward pass was skipped.
                     old = logp.detach() if part.old_logprobs is None else part.old_logprobs

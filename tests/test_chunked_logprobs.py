@@ -1,0 +1,155 @@
+"""sapo.token_logprobs against a float64 full-logits reference: values and gradients."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sapo import token_logprobs
+
+N, H, V = 29, 12, 96
+
+
+def reference(hidden, weight, ids, bias=None, temperature=1.0):
+    """float64 log_softmax over the full logits, and the entropy."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    logp_NV = torch.log_softmax(z / temperature, dim=-1)
+    return logp_NV.gather(1, ids.unsqueeze(1)).squeeze(1), -(logp_NV.exp() * logp_NV).sum(-1)
+
+
+def inputs(dtype=torch.float32, bias=False, scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, H, generator=gen) * scale).to(dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=gen).to(dtype).requires_grad_()
+    b = torch.randn(V, generator=gen).to(dtype).requires_grad_() if bias else None
+    ids = torch.randint(0, V, (N,), generator=gen)
+    ids[:4] = torch.tensor([0, V - 1, 31, 32])  # first, last and either side of a chunk boundary
+    return hidden, weight, b, ids
+
+
+def values_and_grads(fn, hidden, weight, bias, ids, w_logp, w_ent):
+    """fn's log-probs and entropies, and the gradients of a weighted sum of both (float64)."""
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    logp, entropy = fn(hidden, weight, ids, bias)
+    loss = (logp.double() * w_logp).sum() + (entropy.double() * w_ent).sum()
+    grads = torch.autograd.grad(loss, params)
+    return [logp.detach().double(), entropy.detach().double()] + [g.double() for g in grads]
+
+
+def rel_err(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 32, 96, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_float32_matches_float64_full_logits(chunk_size, bias, temperature):
+    hidden, weight, b, ids = inputs(bias=bias)
+    w = torch.randn(2, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ours = values_and_grads(lambda h, W, i, bb: token_logprobs(h, W, i, chunk_size=chunk_size, return_entropy=True,
+                                                               bias=bb, temperature=temperature),
+                            hidden, weight, b, ids, w[0], w[1])
+    ref = values_and_grads(lambda h, W, i, bb: reference(h, W, i, bb, temperature),
+                           *(t if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, b)),
+                           ids, w[0], w[1])
+    assert ours[0].dtype == torch.float64  # (converted above; the function returns float32)
+    for name, a, r in zip(["logp", "entropy", "d hidden", "d weight", "d bias"], ours, ref):
+        assert rel_err(a, r) < 1e-5, name
+
+
+def test_returns_float32_for_float32_and_half_inputs_and_float64_for_float64():
+    for dtype, want in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]:
+        hidden, weight, _, ids = inputs(dtype)
+        logp, entropy = token_logprobs(hidden, weight, ids, chunk_size=10, return_entropy=True)
+        assert logp.dtype == entropy.dtype == want
+        logp.sum().backward()
+        assert hidden.grad.dtype == hidden.dtype and weight.grad.dtype == weight.dtype
+
+
+def test_float64_gradcheck_with_entropy_bias_and_temperature():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, generator=gen, requires_grad=True)
+    ids = torch.tensor([0, 10, 3, 4, 7])
+    assert torch.autograd.gradcheck(lambda h, W, b: token_logprobs(h, W, ids, chunk_size=4, return_entropy=True,
+                                                                   bias=b, temperature=0.5), (hidden, weight, bias))
+
+
+def test_bfloat16_is_as_accurate_as_the_full_bfloat16_logits():
+    hidden, weight, _, ids = inputs(torch.bfloat16)
+    w = torch.randn(2, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def full_bf16(h, W, i, _):  # what a bf16 model's lm_head + float32 log_softmax computes
+        logp_NV = torch.log_softmax((h @ W.T).float(), dim=-1)
+        return logp_NV.gather(1, i.unsqueeze(1)).squeeze(1), -(logp_NV.exp() * logp_NV).sum(-1)
+
+    ours = values_and_grads(lambda h, W, i, b: token_logprobs(h, W, i, chunk_size=40, return_entropy=True),
+                            hidden, weight, None, ids, w[0], w[1])
+    full = values_and_grads(full_bf16, hidden, weight, None, ids, w[0], w[1])
+    ref = values_and_grads(lambda h, W, i, b: reference(h, W, i), hidden.detach().double().requires_grad_(),
+                           weight.detach().double().requires_grad_(), None, ids, w[0], w[1])
+    for name, a, f, r in zip(["logp", "entropy", "d hidden", "d weight"], ours, full, ref):
+        assert rel_err(a, r) <= 2 * rel_err(f, r) + 1e-3, name
+        assert rel_err(a, f) < 5e-2, name
+
+
+def test_extreme_logits_stay_finite_and_accurate():
+    hidden, weight, _, ids = inputs(scale=300.0)  # logits in the thousands
+    logp, entropy = token_logprobs(hidden, weight, ids, chunk_size=13, return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    ref_logp, ref_entropy = reference(hidden.detach(), weight.detach(), ids)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    assert rel_err(logp.double(), ref_logp) < 1e-5
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tokens_by_vocabulary_tensor_in_forward_or_backward():
+    n, v, chunk = 64, 1000, 100
+    hidden = torch.randn(n, H, requires_grad=True)
+    weight = torch.randn(v, H, requires_grad=True)
+    ids = torch.randint(0, v, (n,))
+    with LargestTensor() as probe:
+        logp, entropy = token_logprobs(hidden, weight, ids, chunk_size=chunk, return_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+    assert probe.largest <= max(n * chunk, v * H)  # a (rows, chunk) tile or the weight's gradient
+    with LargestTensor() as full:  # the probe does see a full-logits computation
+        torch.log_softmax(hidden @ weight.T, -1).gather(1, ids.unsqueeze(1)).sum().backward()
+    assert full.largest == n * v
+
+
+def test_gradient_flows_only_where_asked():
+    hidden, weight, _, ids = inputs()
+    weight.requires_grad_(False)
+    token_logprobs(hidden, weight, ids, chunk_size=10).sum().backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(hidden_states=torch.zeros(3, 4), weight=torch.zeros(5, 6), token_ids=torch.zeros(3, dtype=torch.long)),
+     "weight \\(V, H\\)"),
+    (dict(hidden_states=torch.zeros(3, 4), weight=torch.zeros(5, 4), token_ids=torch.zeros(2, dtype=torch.long)),
+     "token_ids must be"),
+    (dict(hidden_states=torch.zeros(3, 4), weight=torch.zeros(5, 4), token_ids=torch.zeros(3, dtype=torch.long),
+          chunk_size=0), "chunk_size must be >= 1"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        token_logprobs(**kwargs)

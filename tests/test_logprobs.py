@@ -1,0 +1,76 @@
+"""completion_logprobs: the chunked output layer gives the full-logits values and gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from sapo.logprobs import completion_logprobs, lean_head
+from sapo.tiny import char_tokenizer, tiny_causal_lm
+
+
+def batch(vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, vocab, (5, 6), generator=gen)
+    prompt_mask = torch.ones(5, 6, dtype=torch.long)
+    prompt_mask[0, :3] = 0  # left padding
+    completion_ids = torch.randint(3, vocab, (5, 7), generator=gen)
+    completion_mask = torch.ones(5, 7, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[2, 1:] = 0
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def run(model, chunk_size, data, temperature=0.8):
+    model.zero_grad()
+    logp, entropy = completion_logprobs(model, *data, temperature, with_entropy=True, chunk_size=chunk_size)
+    (logp * torch.linspace(-1, 1, logp.shape[1])).sum().backward()
+    return logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch, tied", [("qwen2", False), ("qwen2", True), ("llama", False), ("qwen3_moe", False)])
+@pytest.mark.parametrize("chunk_size", [5, 4096])
+def test_chunked_head_matches_full_logits(arch, tied, chunk_size):
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, arch, hidden_size=32, tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    data = batch(len(tok))
+    full_logp, full_entropy, full_grads = run(model, 0, data)
+    logp, entropy, grads = run(model, chunk_size, data)
+    mask = data[3].bool()
+    assert (logp[~mask] == 0).all() and (full_logp[~mask] == 0).all()
+    torch.testing.assert_close(logp, full_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, full_entropy, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == full_grads.keys()
+    for name, g in grads.items():
+        scale = full_grads[name].abs().max().clamp(min=1e-12)
+        assert float((g - full_grads[name]).abs().max() / scale) < 1e-5, name
+
+
+def test_forward_goes_through_the_head_module_and_leaves_it_as_it_was():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))  # as FSDP's unshard hook
+    completion_logprobs(model, *batch(len(tok)), 1.0, chunk_size=8)
+    assert len(seen) == 1
+    assert "forward" not in vars(model.lm_head)  # the instance override is gone
+    assert model(torch.tensor([[4, 5]])).logits.shape[-1] == len(tok)
+
+
+def test_heads_that_are_not_plain_linear_keep_the_full_logits():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    assert lean_head(model) is model.lm_head
+
+    class Adapted(nn.Linear):  # a PEFT/LoRA or quantized layer subclasses or replaces nn.Linear
+        pass
+
+    adapted = tiny_causal_lm(tok, hidden_size=32)
+    adapted.lm_head.__class__ = Adapted
+    assert lean_head(adapted) is None
+    capped = tiny_causal_lm(tok, hidden_size=32)
+    capped.config.final_logit_softcapping = 30.0
+    assert lean_head(capped) is None
+    wrapped = nn.Module()
+    wrapped.module = model  # DDP's attribute
+    assert lean_head(wrapped) is model.lm_head

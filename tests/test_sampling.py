@@ -1,0 +1,86 @@
+"""Shared-prompt sampling draws exactly what model.generate draws, with one prefill per prompt."""
+
+import pytest
+import torch
+
+from sapo.rollout import generate
+from sapo.sampling import process_logits, sample_groups
+from sapo.tiny import char_tokenizer, tiny_causal_lm
+
+PROMPTS = ["7+8=", "12+345=", "1=", "99*9=", "3-2="]  # different lengths: left padding in the batch
+
+
+def rollouts(model, tok, shared, **kw):
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    args = dict(group_size=6, max_new_tokens=10, temperature=1.0, top_p=1.0, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, seeds=[11, 12, 13, 14, 15], device=torch.device("cpu"))
+    args.update(kw)
+    return generate(model, ids, list(range(len(ids))), shared_prefill=shared, **args)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3_moe"])
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_p=0.8), dict(temperature=0.0, group_size=1)])
+def test_same_samples_as_generate_group_by_group(arch, sampling):
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, arch, hidden_size=32)
+    ours = rollouts(model, tok, shared=True, **sampling)
+    plain = rollouts(model, tok, shared=False, **sampling)
+    assert torch.equal(ours.completion_ids, plain.completion_ids)
+    assert torch.equal(ours.completion_mask, plain.completion_mask)
+    assert torch.equal(ours.truncated, plain.truncated)
+    assert ours.completion_mask.sum() > len(PROMPTS)  # more than one token each: the cache was used
+
+
+def test_one_prefill_per_prompt_then_one_decoding_batch():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    rollouts(model, tok, shared=True, max_new_tokens=4)
+    assert shapes[0] == (5, 7)  # 5 prompts, not 5 * 6 rows
+    assert set(shapes[1:]) == {(30, 1)} and len(shapes) <= 4
+
+
+def test_model_without_an_expandable_cache_falls_back_to_generate():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    expected = rollouts(model, tok, shared=False)
+    forward = model.forward
+
+    def legacy_cache(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs.get("past_key_values") is None and out.past_key_values is not None:
+            out.past_key_values = tuple(out.past_key_values)  # not a Cache: cannot be expanded
+        return out
+
+    model.forward = legacy_cache
+    calls = []
+    original_generate = model.generate
+    model.generate = lambda *a, **k: calls.append(1) or original_generate(*a, **k)
+    got = rollouts(model, tok, shared=True)
+    assert len(calls) == len(PROMPTS)
+    assert torch.equal(got.completion_ids, expected.completion_ids)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass_and_never_nothing():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01]]))
+    kept = torch.isfinite(process_logits(logits, 1.0, 0.8))
+    assert kept.tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert torch.isfinite(process_logits(logits, 1.0, 1e-9)).sum(-1).tolist() == [1, 1]
+
+
+def test_sample_groups_pads_after_eos():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] *= 0
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    out = sample_groups(model, ids, group_size=4, max_new_tokens=12, temperature=1.0, top_p=1.0,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seeds=list(range(5)),
+                        device=torch.device("cpu"))
+    assert out.shape[0] == 20
+    for row in out.tolist():
+        if tok.eos_token_id in row:
+            end = row.index(tok.eos_token_id)
+            assert all(t == tok.pad_token_id for t in row[end + 1:])
