@@ -28,7 +28,7 @@ def run(model, chunk_size, data, temperature=0.8):
 
 
 @pytest.mark.parametrize("arch, tied", [("qwen2", False), ("qwen2", True), ("llama", False), ("qwen3_moe", False)])
-@pytest.mark.parametrize("chunk_size", [5, 4096])
+@pytest.mark.parametrize("chunk_size", [5, 19])
 def test_chunked_head_matches_full_logits(arch, tied, chunk_size):
     tok = char_tokenizer()
     model = tiny_causal_lm(tok, arch, hidden_size=32, tie_word_embeddings=tied)
@@ -74,3 +74,19 @@ def test_heads_that_are_not_plain_linear_keep_the_full_logits():
     wrapped = nn.Module()
     wrapped.module = model  # DDP's attribute
     assert lean_head(wrapped) is model.lm_head
+
+
+def test_chunked_path_only_when_the_vocabulary_spans_more_than_one_chunk(monkeypatch):
+    import sapo.logprobs as module
+
+    calls = []
+    real = module.token_logprobs
+    monkeypatch.setattr(module, "token_logprobs", lambda *a, **k: calls.append(k["chunk_size"]) or real(*a, **k))
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    data = batch(len(tok))
+    completion_logprobs(model, *data, 1.0, chunk_size=len(tok))
+    completion_logprobs(model, *data, 1.0, chunk_size=0)
+    assert calls == []
+    completion_logprobs(model, *data, 1.0, chunk_size=len(tok) - 1)
+    assert calls == [len(tok) - 1]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sapo.rollout import generate
+from sapo.rollout import batched_logprobs, generate
 from sapo.sampling import process_logits, sample_groups
 from sapo.tiny import char_tokenizer, tiny_causal_lm
 
@@ -29,6 +29,21 @@ def test_same_samples_as_generate_group_by_group(arch, sampling):
     assert torch.equal(ours.completion_mask, plain.completion_mask)
     assert torch.equal(ours.truncated, plain.truncated)
     assert ours.completion_mask.sum() > len(PROMPTS)  # more than one token each: the cache was used
+    if ours.sampling_logprobs is None:
+        assert sampling["temperature"] == 0 and plain.sampling_logprobs is None
+    else:
+        torch.testing.assert_close(ours.sampling_logprobs, plain.sampling_logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_sampling_logprobs_are_the_policy_at_temperature_without_top_p(shared):
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    out = rollouts(model, tok, shared=shared, temperature=0.7, top_p=0.5)
+    recomputed = batched_logprobs(model, out, 0.7, micro_batch_size=7)
+    mask = out.completion_mask.bool()
+    assert (out.sampling_logprobs[~mask] == 0).all()
+    torch.testing.assert_close(out.sampling_logprobs[mask], recomputed[mask], rtol=1e-5, atol=1e-5)
 
 
 def test_one_prefill_per_prompt_then_one_decoding_batch():
@@ -76,10 +91,10 @@ def test_sample_groups_pads_after_eos():
     with torch.no_grad():
         model.lm_head.weight[tok.eos_token_id] *= 0
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    out = sample_groups(model, ids, group_size=4, max_new_tokens=12, temperature=1.0, top_p=1.0,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seeds=list(range(5)),
-                        device=torch.device("cpu"))
-    assert out.shape[0] == 20
+    out, logprobs = sample_groups(model, ids, group_size=4, max_new_tokens=12, temperature=1.0, top_p=1.0,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seeds=list(range(5)),
+                                  device=torch.device("cpu"))
+    assert out.shape[0] == 20 and logprobs.shape == out.shape
     for row in out.tolist():
         if tok.eos_token_id in row:
             end = row.index(tok.eos_token_id)

@@ -85,8 +85,14 @@ class TrainConfig:
     """Responses per forward/backward pass; gradients are accumulated so the update does not depend on it."""
     logprob_chunk_size: int = 8192
     """Vocabulary entries per chunk when computing log-probabilities from the final hidden states
-    (`sapo.token_logprobs`): no (tokens x vocabulary) logits are held. 0: full logits +
-    log_softmax. Models whose output layer is not a plain linear layer use full logits anyway."""
+    (`sapo.token_logprobs`): no (tokens x vocabulary) logits are held. Used when the vocabulary
+    is larger than one chunk (smaller ones gain nothing); 0: always full logits + log_softmax.
+    Models whose output layer is not a plain linear layer use full logits anyway."""
+    use_rollout_logprobs: bool = True
+    """Take pi_old from the log-probabilities computed while sampling (verl's rollout log-probs)
+    instead of a separate forward pass over the batch. They are the same model and weights in
+    eval mode; only batching and KV-cache numerics differ (about 1e-6 in float32, more in
+    bfloat16). False recomputes them with a full forward pass."""
     optim: str = "adamw"
     """Optimizer: "adamw" (torch.optim.AdamW) or "sgd" (plain gradient steps, handy to compare updates)."""
     learning_rate: float = 1e-6

@@ -18,7 +18,7 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
 
     Prompts are left-padded, completions right-padded; positions come from the attention mask
     so padding does not shift them. Only the completion positions go through the output layer.
-    With `chunk_size` > 0 and a plain linear output layer, that layer runs as
+    With 0 < `chunk_size` < V and a plain linear output layer, that layer runs as
     `token_logprobs` over vocabulary chunks of that size: no (B, C, V) logits. The forward
     still goes through `model` itself (a DDP/FSDP wrapper's hooks fire). The entropy (B, C), if
     asked, carries no gradient. Padding positions hold 0.
@@ -29,6 +29,8 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     C = completion_ids.shape[1]
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     head = lean_head(model) if chunk_size else None
+    if head is not None and head.weight.shape[0] <= chunk_size:  # one chunk: the full logits are no larger
+        head = None
     if head is not None:
         with _head_returns_logprobs(head, completion_ids, completion_mask, temperature, chunk_size, with_entropy) as out:
             _forward(model, kwargs, C + 1)

@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 from .data import derive_seed
 from .logprobs import completion_logprobs
-from .sampling import sample_groups
+from .sampling import sample_groups, token_logprob
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Rollout:
     row_indices: list[int]  # (N,) dataset row of each sample
     old_logprobs: Tensor | None = None  # (N, C) behaviour policy; None when provably equal to the current one
     ref_logprobs: Tensor | None = None  # (N, C) reference policy, when beta > 0
+    sampling_logprobs: Tensor | None = None  # (N, C) pi / T of each token as computed while sampling
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -34,7 +35,7 @@ class Rollout:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                        self.completion_mask[idx], self.truncated[idx], [self.row_indices[i] for i in idx],
-                       pick(self.old_logprobs), pick(self.ref_logprobs))
+                       pick(self.old_logprobs), pick(self.ref_logprobs), pick(self.sampling_logprobs))
 
 
 @torch.no_grad()
@@ -47,34 +48,37 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
     seed: not on batch composition, the number of processes, or a resume. temperature=0 is
     greedy decoding. With `shared_prefill` (sampling.py) each prompt is prefilled once and all
     groups decode in one batch; otherwise, or if the model's cache cannot be expanded,
-    `model.generate` runs once per group, with the same draws.
+    `model.generate` runs once per group, with the same draws. Either way the log-probabilities
+    of the sampled tokens come back in `sampling_logprobs` (not when greedy).
     """
     was_training = model.training
     model.eval()
     try:
-        tokens = None
+        sampled = None
         if shared_prefill:
-            tokens = sample_groups(model, prompt_ids, group_size=group_size, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
-                                   pad_token_id=pad_token_id, seeds=seeds, device=device)
-        completions = tokens.tolist() if tokens is not None else _generate_per_group(
-            model, prompt_ids, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seeds=seeds, device=device)
+            sampled = sample_groups(model, prompt_ids, group_size=group_size, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                                    pad_token_id=pad_token_id, seeds=seeds, device=device)
+        if sampled is None:
+            sampled = _generate_per_group(model, prompt_ids, group_size=group_size, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                                          pad_token_id=pad_token_id, seeds=seeds, device=device)
     finally:
         model.train(was_training)
-    N = len(completions)
-    C = max_new_tokens
-    completion_ids = torch.full((N, C), pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros((N, C), dtype=torch.long)
-    truncated = torch.ones(N, dtype=torch.bool)
-    for i, tokens in enumerate(completions):
-        length = len(tokens)
-        if eos_token_id in tokens:
-            length = tokens.index(eos_token_id) + 1
-            truncated[i] = False
-        completion_ids[i, :length] = torch.tensor(tokens[:length], dtype=torch.long)
-        completion_mask[i, :length] = 1
-    used = int(completion_mask.sum(-1).max().item()) if N else 0
+    tokens_NT, logprobs_NT = sampled
+    N, T = tokens_NT.shape
+    # Keep everything up to and including the first EOS; a row without one was truncated.
+    is_eos = tokens_NT.cpu() == eos_token_id
+    truncated = ~is_eos.any(-1)
+    first_eos = torch.where(truncated, T - 1, is_eos.float().argmax(-1))
+    completion_mask = (torch.arange(T) <= first_eos.unsqueeze(1)).long()
+    lengths = completion_mask.sum(-1)
+    C = max(int(lengths.max()) if N else 1, 1)
+    completion_mask = completion_mask[:, :C].to(device)
+    completion_ids = torch.where(completion_mask.bool(), tokens_NT[:, :C].to(device), pad_token_id)
+    sampling_logprobs = None
+    if logprobs_NT is not None:
+        sampling_logprobs = torch.where(completion_mask.bool(), logprobs_NT[:, :C].to(device), 0.0)
     P = max(len(x) for x in prompt_ids)
     prompt_t = torch.full((N, P), pad_token_id, dtype=torch.long)
     prompt_mask = torch.zeros((N, P), dtype=torch.long)
@@ -83,34 +87,41 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
         prompt_t[rows, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
         prompt_mask[rows, P - len(ids):] = 1
     return Rollout(
-        prompt_ids=prompt_t.to(device), prompt_mask=prompt_mask.to(device),
-        completion_ids=completion_ids[:, :max(used, 1)].to(device),
-        completion_mask=completion_mask[:, :max(used, 1)].to(device), truncated=truncated.to(device),
-        row_indices=[r for r in row_indices for _ in range(group_size)],
+        prompt_ids=prompt_t.to(device), prompt_mask=prompt_mask.to(device), completion_ids=completion_ids,
+        completion_mask=completion_mask, truncated=truncated.to(device),
+        row_indices=[r for r in row_indices for _ in range(group_size)], sampling_logprobs=sampling_logprobs,
     )
 
 
 def _generate_per_group(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int,
                         temperature: float, top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int],
-                        device: torch.device) -> list[list[int]]:
+                        device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """model.generate once per group; (N, max_new_tokens) tokens padded after EOS, and their log-probs."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, num_return_sequences=group_size)
+                              pad_token_id=pad_token_id, num_return_sequences=group_size,
+                              return_dict_in_generate=True, output_logits=temperature > 0)
     # generate() fills every unset option from model.generation_config (a repetition penalty, say),
     # which would sample from something other than pi / T: let it see only our config.
     model_config, model.generation_config = model.generation_config, config
-    completions = []
+    tokens = torch.full((len(prompt_ids) * group_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(tokens.shape, device=device) if temperature > 0 else None
     try:
-        for ids, seed in zip(prompt_ids, seeds):
+        for g, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
             prompt = torch.tensor([ids], device=device)
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
                 out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-            completions.extend(out[:, prompt.shape[1]:].tolist())
+            new = out.sequences[:, prompt.shape[1]:]
+            rows = slice(g * group_size, (g + 1) * group_size)
+            tokens[rows, :new.shape[1]] = new
+            if logprobs is not None:
+                for t, logits in enumerate(out.logits):
+                    logprobs[rows, t] = token_logprob(logits, new[:, t], temperature)
     finally:
         model.generation_config = model_config
-    return completions
+    return tokens, logprobs
 
 
 def decode(tokenizer, rollout: Rollout, conversational: bool) -> tuple[list, list[list[int]]]:

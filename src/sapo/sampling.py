@@ -30,10 +30,12 @@ def process_logits(logits: Tensor, temperature: float, top_p: float) -> Tensor:
 @torch.no_grad()
 def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int, temperature: float,
                   top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int], device: torch.device
-                  ) -> Tensor | None:
+                  ) -> tuple[Tensor, Tensor | None] | None:
     """(len(prompts) * group_size, T) sampled tokens, T <= max_new_tokens, rows of a group adjacent,
-    pad after EOS; temperature 0 is greedy. None if the model's cache cannot be expanded (the
-    caller then falls back to `generate`). The model must be in eval mode."""
+    pad after EOS; temperature 0 is greedy. Also their log-probabilities under the model at the
+    sampling temperature (without top-p: the policy pi / T that the update differentiates), (N, T)
+    float32, or None when greedy. None if the model's cache cannot be expanded (the caller then
+    falls back to `generate`). The model must be in eval mode."""
     B, G = len(prompt_ids), group_size
     P = max(len(ids) for ids in prompt_ids)
     # Left-pad so every prompt ends at the same column and the new tokens line up.
@@ -60,7 +62,7 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
     if temperature > 0:
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     unfinished = torch.ones(B * G, dtype=torch.bool, device=device)
-    tokens = []
+    tokens, logprobs = [], []
     for t in range(max_new_tokens):
         if generators is None:
             next_tokens = logits.float().argmax(-1)
@@ -70,6 +72,8 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
                                      for g, gen in enumerate(generators)])
         next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
         tokens.append(next_tokens)
+        if generators is not None:
+            logprobs.append(token_logprob(logits, next_tokens, temperature))
         unfinished &= next_tokens != eos_token_id
         if t == max_new_tokens - 1 or not bool(unfinished.any()):
             break
@@ -78,4 +82,10 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
+
+
+def token_logprob(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / T)[token] per row, float32, without a second (N, V) tensor."""
+    scaled = logits.float() / temperature
+    return scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - scaled.logsumexp(-1)
