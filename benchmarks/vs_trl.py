@@ -1,7 +1,7 @@
 """sapo-rl against TRL's GRPOTrainer(loss_type="sapo") on the built-in demo.
 
     pip install trl          # this script installs nothing itself
-    python benchmarks/vs_trl.py --steps 100
+    python benchmarks/vs_trl.py --steps 100 --seeds 0,1,2
 
 Both frameworks train the shipped tiny model on the `arithmetic` task with the demo's settings
 (`sapo.demo.demo_settings()`): the same prompts per step, G, max completion length, sampling
@@ -18,9 +18,9 @@ models are then scored by the same code, sapo's held-out evaluation (what `sapo 
 test problems, 8 samples each at the training temperature, the same seeds), next to the shipped
 model's starting score.
 
-Prints seconds per rollout step, where that time goes, held-out Pass@1 before and after, and the
-ratio TRL s/step / sapo-rl s/step; writes everything to OUTPUT_DIR/results.json. OUTPUT_DIR/sapo
-and OUTPUT_DIR/trl are replaced on every run.
+Prints seconds per rollout step, where that time goes, held-out Pass@1 before and after (per seed
+and mean +- std over seeds), and the ratio of steps per second sapo-rl / TRL; writes everything to
+OUTPUT_DIR/results.json. OUTPUT_DIR/seed<k>/{sapo,trl} are replaced on every run.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def trl_config(cfg, out: Path):
         mask_truncated_completions=cfg.mask_truncated_completions,
         disable_dropout=True,  # sapo-rl always disables dropout (the tiny model has none anyway)
         # optimizer
-        optim="adamw_torch",  # torch.optim.AdamW as sapo-rl; transformers defaults to the fused variant
+        optim="adamw_torch_fused",  # torch.optim.AdamW(fused=True), as sapo-rl builds it on CPU and CUDA
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=TRL_SCHEDULERS[cfg.lr_scheduler],
         warmup_steps=cfg.warmup_steps,
@@ -292,13 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="rollout steps (sapo-rl's max_steps; TRL runs "
                         "num_minibatches optimizer steps per rollout step)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed of both runs")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; each runs both frameworks")
     parser.add_argument("--eval-seed", type=int, default=0, help="seed of the held-out sampling (sapo eval's --seed)")
     parser.add_argument("--output-dir", default="outputs/vs_trl")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
 
     try:
         import trl  # noqa: F401
@@ -311,35 +315,39 @@ def main(argv: list[str] | None = None) -> int:
         print("vs_trl: sapo-rl is not installed; pip install -e . from the repository root first")
         return 2
     if args.worker:
+        args.seed = seeds[0]
         return worker(args)
 
     root = Path(args.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # both on the CPU
-    results = {}
-    for name in FRAMEWORKS:
-        shutil.rmtree(root / name, ignore_errors=True)
-        (root / name).mkdir(parents=True)
-        log = root / f"{name}.log"
-        print(f"training with {'sapo-rl' if name == 'sapo' else 'TRL'} for {args.steps} steps (log: {log}) ...",
-              flush=True)
-        with log.open("w") as f:
-            done = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
-                                   "--seed", str(args.seed), "--output-dir", str(root)],
-                                  stdout=f, stderr=subprocess.STDOUT, env=env)
-        if done.returncode != 0:
-            print(f"vs_trl: the {name} run failed (exit {done.returncode}); the end of {log}:")
-            print("".join(log.read_text().splitlines(keepends=True)[-30:]), end="")
-            return 1
-        results[name] = json.loads((root / name / "result.json").read_text())
+    runs: dict[str, list[dict]] = {name: [] for name in FRAMEWORKS}
+    for seed in seeds:
+        run_root = root / f"seed{seed}"
+        for name in FRAMEWORKS:
+            shutil.rmtree(run_root / name, ignore_errors=True)
+            (run_root / name).mkdir(parents=True)
+            log = run_root / f"{name}.log"
+            print(f"seed {seed}: training with {'sapo-rl' if name == 'sapo' else 'TRL'} for {args.steps} steps "
+                  f"(log: {log}) ...", flush=True)
+            with log.open("w") as f:
+                done = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
+                                       "--seeds", str(seed), "--output-dir", str(run_root)],
+                                      stdout=f, stderr=subprocess.STDOUT, env=env)
+            if done.returncode != 0:
+                print(f"vs_trl: the {name} run failed (exit {done.returncode}); the end of {log}:")
+                print("".join(log.read_text().splitlines(keepends=True)[-30:]), end="")
+                return 1
+            result = json.loads((run_root / name / "result.json").read_text())
+            runs[name].append({"seed": seed, **result})
 
     quiet_transformers()
-    cfg = demo_config(args.steps, args.seed, root)
+    cfg = demo_config(args.steps, seeds[0], root)
     print("evaluating on the held-out problems ...", flush=True)
     start = held_out(cfg.model, cfg, args.eval_seed)
     for name in FRAMEWORKS:
-        results[name]["eval"] = held_out(results[name]["model_dir"], cfg, args.eval_seed)
-        results[name]["seconds_per_step"] = results[name]["wall_seconds"] / args.steps
+        for r in runs[name]:
+            r["eval"] = held_out(r["model_dir"], cfg, args.eval_seed)
+            r["seconds_per_step"] = r["wall_seconds"] / args.steps
 
     import torch
     import transformers
@@ -349,36 +357,54 @@ def main(argv: list[str] | None = None) -> int:
     rollout = cfg.prompts_per_step * cfg.num_generations
     print(f"\n{args.steps} steps of {cfg.prompts_per_step} prompts x G={cfg.num_generations} = {rollout} completions "
           f"(max {cfg.max_completion_length} tokens), {cfg.num_minibatches} optimizer steps each, lr "
-          f"{cfg.learning_rate:g}, seed {args.seed}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {results['sapo']['torch_threads']} torch threads, CPU")
+          f"{cfg.learning_rate:g}, seeds {args.seeds}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {runs['sapo'][0]['torch_threads']} torch threads, CPU")
     print(f"held-out {cfg.eval_dataset or cfg.dataset}: {start['problems']} problems x {start['samples']} samples, "
-          f"eval seed {args.eval_seed}\n")
-    print(f"{'framework':<{width}}  {'steps':>5}  {'s/step':>7}  {'Pass@1 start -> final':>21}  "
-          f"{'train reward (last 10)':>22}")
+          f"eval seed {args.eval_seed}; Pass@1 of the starting model {start['pass@1']:.3f}\n")
+    print(f"{'framework':<{width}}  {'seed':>4}  {'s/step':>7}  {'final Pass@1':>12}  {'train reward (last 10)':>22}")
     for name in FRAMEWORKS:
-        r = results[name]
-        print(f"{labels[name]:<{width}}  {r['steps']:>5}  {r['seconds_per_step']:>7.3f}  "
-              f"{start['pass@1']:>11.3f} -> {r['eval']['pass@1']:.3f}  {mean_last(r['train_rewards']):>22.3f}")
-    ratio = results["trl"]["seconds_per_step"] / results["sapo"]["seconds_per_step"]
-    print(f"\nTRL s/step / sapo-rl s/step = {ratio:.2f}\n")
-    print("seconds per step by phase (rollout: generation and behaviour log-probs; update: forward/backward and "
-          "optimizer steps)")
+        for r in runs[name]:
+            print(f"{labels[name]:<{width}}  {r['seed']:>4}  {r['seconds_per_step']:>7.3f}  "
+                  f"{r['eval']['pass@1']:>12.3f}  {mean_last(r['train_rewards']):>22.3f}")
+    summary_rows = {}
+    print(f"\n{'framework':<{width}}  {'mean s/step':>11}  {'final Pass@1 mean +- std':>24}")
+    for name in FRAMEWORKS:
+        step_s = _mean([r["seconds_per_step"] for r in runs[name]])
+        passes = [r["eval"]["pass@1"] for r in runs[name]]
+        summary_rows[name] = {"seconds_per_step": step_s, "pass@1_mean": _mean(passes), "pass@1_std": _std(passes)}
+        print(f"{labels[name]:<{width}}  {step_s:>11.3f}  {_mean(passes):>15.3f} +- {_std(passes):.3f}")
+    ratio = summary_rows["trl"]["seconds_per_step"] / summary_rows["sapo"]["seconds_per_step"]
+    print(f"\nsapo-rl steps per second / TRL steps per second = {ratio:.2f}\n")
+    print("seconds per step by phase, mean over seeds (rollout: generation and behaviour log-probs; update: "
+          "forward/backward and optimizer steps)")
     print(f"{'framework':<{width}}  {'rollout':>8}  {'reward':>7}  {'update':>7}  {'other':>7}")
     for name in FRAMEWORKS:
-        p = results[name]["phases"]
-        print(f"{labels[name]:<{width}}  " + "  ".join(f"{p[k] / args.steps:>{w}.3f}" for k, w in
+        phase = {k: _mean([r["phases"][k] for r in runs[name]]) / args.steps
+                 for k in ("rollout", "reward", "update", "other")}
+        print(f"{labels[name]:<{width}}  " + "  ".join(f"{phase[k]:>{w}.3f}" for k, w in
                                                     (("rollout", 8), ("reward", 7), ("update", 7), ("other", 7))))
-    print(f"(TRL's rollout includes {results['trl']['phases']['generate'] / args.steps:.3f} s/step in "
-          "model.generate and decoding)")
+    generate_s = _mean([r["phases"]["generate"] for r in runs["trl"]]) / args.steps
+    print(f"(TRL's rollout includes {generate_s:.3f} s/step in model.generate and decoding)")
 
-    summary = {"steps": args.steps, "seed": args.seed, "eval_seed": args.eval_seed, "start_eval": start,
-               "ratio_trl_over_sapo": ratio, "versions": {"sapo-rl": _version("sapo-rl"), "trl": trl.__version__,
-                                                          "torch": torch.__version__,
-                                                          "transformers": transformers.__version__},
-               **results}
+    summary = {"steps": args.steps, "seeds": seeds, "eval_seed": args.eval_seed, "start_eval": start,
+               "ratio_sapo_over_trl_steps_per_second": ratio, "summary": summary_rows,
+               "versions": {"sapo-rl": _version("sapo-rl"), "trl": trl.__version__, "torch": torch.__version__,
+                            "transformers": transformers.__version__},
+               "runs": runs}
     (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwrote {root / 'results.json'}")
     return 0
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _std(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
 
 
 def _version(dist: str) -> str:

@@ -27,6 +27,7 @@ def test_two_processes_match_one(workdir, tmp_path, aggregation, scale):
         "reward_funcs": [f"{workdir / 'rewards.py'}:first_char_parity"], "num_generations": 4, "prompts_per_step": 4,
         "num_minibatches": 2, "micro_batch_size": 3, "max_completion_length": 6, "max_steps": 2, "optim": "sgd",
         "learning_rate": 0.5, "max_grad_norm": 0.0, "aggregation": aggregation, "scale_rewards": scale,
+        "logprob_chunk_size": 16,  # the chunked output layer (vocabulary 106) inside DDP's forward
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
