@@ -46,6 +46,19 @@ def test_sampling_logprobs_are_the_policy_at_temperature_without_top_p(shared):
     torch.testing.assert_close(out.sampling_logprobs[mask], recomputed[mask], rtol=1e-5, atol=1e-5)
 
 
+def test_max_sequences_splits_the_batch_without_changing_the_samples():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    whole = rollouts(model, tok, shared=True)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    split = rollouts(model, tok, shared=True, max_sequences=13)  # 2 groups of 6 per batch: 2 + 2 + 1 prompts
+    assert {s[0] for s in shapes} == {2, 1, 12, 6}
+    assert torch.equal(split.completion_ids, whole.completion_ids)
+    torch.testing.assert_close(split.sampling_logprobs, whole.sampling_logprobs, rtol=1e-5, atol=1e-5)
+
+
 def test_one_prefill_per_prompt_then_one_decoding_batch():
     tok = char_tokenizer()
     model = tiny_causal_lm(tok, hidden_size=32)

@@ -80,6 +80,17 @@ def test_update_does_not_depend_on_micro_batch_size(base_config, aggregation):
     assert_same_update(small, whole)
 
 
+def test_rollout_logprobs_and_recomputed_ones_give_the_same_update(base_config):
+    # Off-policy minibatches make pi_old matter: a misaligned or wrong-temperature sampling
+    # log-prob would change every ratio.
+    kw = dict(num_minibatches=4, temperature=0.7, logprob_chunk_size=16)
+    from_rollout = update_after_one_step(base_config, use_rollout_logprobs=True, **kw)
+    recomputed = update_after_one_step(base_config, use_rollout_logprobs=False, **kw)
+    assert_same_update(from_rollout, recomputed)
+    full_logits = update_after_one_step(base_config, use_rollout_logprobs=False, **{**kw, "logprob_chunk_size": 0})
+    assert_same_update(full_logits, recomputed)
+
+
 def test_resume_is_exact(base_config, tmp_path):
     straight = {**base_config, "max_steps": 6, "output_dir": str(tmp_path / "straight")}
     _, _, final_straight, history = run(**straight)

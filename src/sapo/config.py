@@ -88,6 +88,10 @@ class TrainConfig:
     (`sapo.token_logprobs`): no (tokens x vocabulary) logits are held. Used when the vocabulary
     is larger than one chunk (smaller ones gain nothing); 0: always full logits + log_softmax.
     Models whose output layer is not a plain linear layer use full logits anyway."""
+    max_num_seqs: int = 0
+    """Most sequences sampled in one decoding batch (vLLM's and verl's max_num_seqs); 0: the whole
+    rollout batch, prompts_per_step * num_generations, at once. Lower it when the KV cache of the
+    whole batch does not fit. Samples do not depend on it (each group has its own seed)."""
     use_rollout_logprobs: bool = True
     """Take pi_old from the log-probabilities computed while sampling (verl's rollout log-probs)
     instead of a separate forward pass over the batch. They are the same model and weights in
@@ -214,7 +218,8 @@ class TrainConfig:
         for name in ("prompts_per_step", "max_prompt_length", "max_completion_length", "num_minibatches",
                      "num_iterations", "micro_batch_size", "max_steps", "eval_num_generations"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be a positive integer")
-        for name in ("eval_steps", "save_steps", "warmup_steps", "log_completions", "logprob_chunk_size"):
+        for name in ("eval_steps", "save_steps", "warmup_steps", "log_completions", "logprob_chunk_size",
+                     "max_num_seqs"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         batch = self.prompts_per_step * self.num_generations
         _require(batch % self.num_minibatches == 0, "num_minibatches", self.num_minibatches,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import GenerationConfig
 
@@ -41,30 +42,35 @@ class Rollout:
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, group_size: int, max_new_tokens: int,
              temperature: float, top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int],
-             device: torch.device, shared_prefill: bool = True) -> Rollout:
+             device: torch.device, shared_prefill: bool = True, max_sequences: int = 0) -> Rollout:
     """Sample `group_size` completions for each prompt.
 
     Each group is sampled under its own seed, so a group's completions depend only on that
     seed: not on batch composition, the number of processes, or a resume. temperature=0 is
-    greedy decoding. With `shared_prefill` (sampling.py) each prompt is prefilled once and all
-    groups decode in one batch; otherwise, or if the model's cache cannot be expanded,
-    `model.generate` runs once per group, with the same draws. Either way the log-probabilities
-    of the sampled tokens come back in `sampling_logprobs` (not when greedy).
+    greedy decoding. With `shared_prefill` (sampling.py) each prompt is prefilled once and the
+    groups decode together, at most `max_sequences` sequences at a time (0: all); otherwise, or
+    if the model's cache cannot be expanded, `model.generate` runs once per group, with the same
+    draws. Either way the log-probabilities of the sampled tokens come back in
+    `sampling_logprobs` (not when greedy).
     """
+    if not prompt_ids:
+        raise ValueError("generate: no prompts")
+    per_batch = max(1, max_sequences // group_size) if max_sequences else len(prompt_ids)
     was_training = model.training
     model.eval()
     try:
-        sampled = None
-        if shared_prefill:
-            sampled = sample_groups(model, prompt_ids, group_size=group_size, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
-                                    pad_token_id=pad_token_id, seeds=seeds, device=device)
-        if sampled is None:
-            sampled = _generate_per_group(model, prompt_ids, group_size=group_size, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
-                                          pad_token_id=pad_token_id, seeds=seeds, device=device)
+        parts = []
+        for start in range(0, len(prompt_ids), per_batch):
+            batch = dict(prompt_ids=prompt_ids[start:start + per_batch], seeds=seeds[start:start + per_batch],
+                         group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, device=device)
+            part = sample_groups(model, **batch) if shared_prefill else None
+            parts.append(part if part is not None else _generate_per_group(model, **batch))
     finally:
         model.train(was_training)
+    width = max(p[0].shape[1] for p in parts)
+    sampled = (torch.cat([F.pad(p[0], (0, width - p[0].shape[1]), value=pad_token_id) for p in parts]),
+               None if parts[0][1] is None else torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in parts]))
     tokens_NT, logprobs_NT = sampled
     N, T = tokens_NT.shape
     # Keep everything up to and including the first EOS; a row without one was truncated.

@@ -48,7 +48,10 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
     # Prefill: one pass per prompt, not per sample.
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    try:
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    except TypeError:  # a model class that predates logits_to_keep
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
     cache = out.past_key_values
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None

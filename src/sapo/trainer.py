@@ -169,7 +169,7 @@ class Trainer:
             rollout = generate(policy, [prompts.prompt_ids[r] for r in rows], rows, group_size=cfg.num_generations,
                                max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                               seeds=seeds, device=self.acc.device)
+                               seeds=seeds, device=self.acc.device, max_sequences=cfg.max_num_seqs)
             # The behaviour policy's log-probabilities; with one minibatch and one pass the policy
             # cannot move before the update, which then uses its own (detached) ones instead.
             if cfg.num_minibatches > 1 or cfg.num_iterations > 1:
