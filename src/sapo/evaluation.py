@@ -55,7 +55,7 @@ class EvalTotals:
 @torch.no_grad()
 def evaluate(model, tokenizer, prompts: PromptSet, rewards: list[reward_lib.NamedReward], weights: list[float], *,
              samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int, device: torch.device,
-             indices: list[int] | None = None, batch_prompts: int = 16, greedy: bool = True,
+             indices: list[int] | None = None, batch_prompts: int = 16, greedy: bool = True, max_sequences: int = 0,
              on_batch=None) -> EvalTotals:
     """Sample `samples` completions per prompt (seeded per problem, so every evaluation of a run
     sees the same random draws) and, if `greedy`, one greedy completion."""
@@ -64,7 +64,7 @@ def evaluate(model, tokenizer, prompts: PromptSet, rewards: list[reward_lib.Name
     for start in range(0, len(indices), batch_prompts):
         rows = indices[start:start + batch_prompts]
         sampled = _rewards(model, tokenizer, prompts, rows, rewards, weights, samples, temperature, top_p,
-                           max_new_tokens, [derive_seed(seed, "eval", r) for r in rows], device)
+                           max_new_tokens, [derive_seed(seed, "eval", r) for r in rows], device, max_sequences)
         for i in range(len(rows)):
             group = sampled[i * samples:(i + 1) * samples]
             correct = sum(1 for r in group if r >= 1.0)
@@ -76,7 +76,7 @@ def evaluate(model, tokenizer, prompts: PromptSet, rewards: list[reward_lib.Name
             totals.per_problem.append(correct / samples)
         if greedy:
             best = _rewards(model, tokenizer, prompts, rows, rewards, weights, 1, 0.0, 1.0, max_new_tokens,
-                            [0] * len(rows), device)
+                            [0] * len(rows), device, max_sequences)
             totals.greedy_correct += sum(1 for r in best if r >= 1.0)
         if on_batch is not None:
             on_batch(len(rows))
@@ -84,11 +84,11 @@ def evaluate(model, tokenizer, prompts: PromptSet, rewards: list[reward_lib.Name
 
 
 def _rewards(model, tokenizer, prompts, rows, rewards, weights, group_size, temperature, top_p, max_new_tokens,
-             seeds, device) -> list[float]:
+             seeds, device, max_sequences) -> list[float]:
     rollout = generate(model, [prompts.prompt_ids[r] for r in rows], rows, group_size=group_size,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=seeds,
-                       device=device)
+                       device=device, max_sequences=max_sequences)
     completions, ids = decode(tokenizer, rollout, prompts.conversational)
     scores = reward_lib.score(rewards, weights, [prompts.rows[r]["prompt"] for r in rollout.row_indices], completions,
                               ids, prompts.columns(rollout.row_indices), skip_errors=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +33,16 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     head = lean_head(model) if chunk_size else None
     if head is not None and head.weight.shape[0] <= chunk_size:  # one chunk: the full logits are no larger
         head = None
+    if head is not None and not _lean_head_verified(model, head, kwargs, completion_ids, completion_mask, chunk_size):
+        head = None
     if head is not None:
         with _head_returns_logprobs(head, completion_ids, completion_mask, temperature, chunk_size, with_entropy) as out:
-            _forward(model, kwargs, C + 1)
-        return out["logp"], out["entropy"]
+            # What the model returns (not out["logp"]): a DDP wrapper's autograd hooks sit on it.
+            logp_BC = _forward(model, kwargs, C + 1)
+        if out["logp"] is None or logp_BC.shape != completion_ids.shape:
+            raise RuntimeError("the model did not call its output layer once on the hidden states; set "
+                               "logprob_chunk_size=0 to compute log-probabilities from its logits")
+        return logp_BC, out["entropy"]
     logits = _forward(model, kwargs, C + 1)
     # The logit at position p predicts token p + 1.
     logits_BCV = logits[:, -(C + 1):-1].float() / temperature
@@ -46,6 +54,40 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
             entropy_BC = -(logp_BCV.exp() * logp_BCV).sum(-1)
     mask = completion_mask.bool()
     return torch.where(mask, logp_BC, 0.0), None if entropy_BC is None else torch.where(mask, entropy_BC, 0.0)
+
+
+# Output layers checked once against the model's own logits (weak: a freed model is forgotten).
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _lean_head_verified(model, head: nn.Linear, kwargs: dict, completion_ids: Tensor, completion_mask: Tensor,
+                        chunk_size: int) -> bool:
+    """Compare the chunked path with the model's own logits on one sequence, once per output
+    layer: this catches a model that post-processes its logits in a way `lean_head` does not
+    know, or never calls its output layer. Float32 weights only, with autocast off, so the
+    comparison is exact to rounding; other dtypes rely on `lean_head`'s checks."""
+    if head in _VERIFIED:
+        return _VERIFIED[head]
+    if head.weight.dtype not in (torch.float32, torch.float64):
+        return True
+    C = completion_ids.shape[1]
+    one = {k: v[:1] if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+    mask = completion_mask[:1].bool()
+    ok = True
+    with torch.no_grad(), torch.autocast(completion_ids.device.type, enabled=False):
+        logits = _forward(model, one, C + 1)[:, -(C + 1):-1].float()
+        full = torch.log_softmax(logits, -1).gather(-1, completion_ids[:1].unsqueeze(-1)).squeeze(-1)
+        try:
+            with _head_returns_logprobs(head, completion_ids[:1], completion_mask[:1], 1.0, chunk_size, False):
+                lean = _forward(model, one, C + 1)
+            ok = lean.shape == full.shape and bool(((lean - full).abs() <= 1e-3 * (1 + full.abs()))[mask].all())
+        except Exception:  # noqa: BLE001 - any failure means: do not use this path
+            ok = False
+    if not ok:
+        warnings.warn(f"{type(model).__name__}: the chunked log-probabilities do not match the model's logits "
+                      "(it post-processes them); using full logits for this model", stacklevel=3)
+    _VERIFIED[head] = ok
+    return ok
 
 
 def _forward(model, kwargs: dict, keep: int) -> Tensor:
@@ -62,9 +104,15 @@ def lean_head(model) -> nn.Linear | None:
     inner = model.module if hasattr(model, "module") else model  # DDP
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
-    post = [a for a in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-            if getattr(config, a, None) not in (None, 1, 1.0)]
-    return head if type(head) is nn.Linear and not post else None
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    post = [a for c in configs for a in _LOGIT_POSTPROCESSING if getattr(c, a, None) not in (None, 1, 1.0)]
+    # A forward already set on the instance is someone's hook (accelerate's offloading, say).
+    return head if type(head) is nn.Linear and "forward" not in vars(head) and not post else None
+
+
+# Config fields of transformers models that rescale, cap or cut the logits after the output layer.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logits_soft_cap", "logit_scale", "logits_scaling",
+                         "lm_head_multiplier", "output_multiplier", "output_multiplier_scale", "unpadded_vocab_size")
 
 
 @contextlib.contextmanager

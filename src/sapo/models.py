@@ -51,7 +51,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
 
 def disable_dropout(model: PreTrainedModel) -> PreTrainedModel:
     """Behaviour log-probabilities are taken in eval mode; with dropout off the update's forward
-    passes match them, and the first minibatch is exactly on-policy."""
+    passes match them, and the first minibatch is on-policy up to the numerics of batching and
+    the KV cache (logged as rollout/logprob_abs_diff)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

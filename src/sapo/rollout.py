@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 from .data import derive_seed
 from .logprobs import completion_logprobs
-from .sampling import sample_groups, token_logprob
+from .sampling import sample_groups
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Rollout:
     row_indices: list[int]  # (N,) dataset row of each sample
     old_logprobs: Tensor | None = None  # (N, C) behaviour policy; None when provably equal to the current one
     ref_logprobs: Tensor | None = None  # (N, C) reference policy, when beta > 0
-    sampling_logprobs: Tensor | None = None  # (N, C) pi / T of each token as computed while sampling
+    sampling_logprobs: Tensor | None = None  # (N, C) pi / T of each token as computed while sampling, if known
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -70,7 +70,8 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
         model.train(was_training)
     width = max(p[0].shape[1] for p in parts)
     sampled = (torch.cat([F.pad(p[0], (0, width - p[0].shape[1]), value=pad_token_id) for p in parts]),
-               None if parts[0][1] is None else torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in parts]))
+               None if any(p[1] is None for p in parts) else
+               torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in parts]))
     tokens_NT, logprobs_NT = sampled
     N, T = tokens_NT.shape
     # Keep everything up to and including the first EOS; a row without one was truncated.
@@ -101,33 +102,28 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
 
 def _generate_per_group(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int,
                         temperature: float, top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int],
-                        device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """model.generate once per group; (N, max_new_tokens) tokens padded after EOS, and their log-probs."""
+                        device: torch.device) -> tuple[Tensor, None]:
+    """model.generate once per group; (N, max_new_tokens) tokens padded after EOS. No log-probs:
+    keeping generate's per-step logits would cost T x G x V floats per group."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id, num_return_sequences=group_size,
-                              return_dict_in_generate=True, output_logits=temperature > 0)
+                              pad_token_id=pad_token_id, num_return_sequences=group_size)
     # generate() fills every unset option from model.generation_config (a repetition penalty, say),
     # which would sample from something other than pi / T: let it see only our config.
     model_config, model.generation_config = model.generation_config, config
     tokens = torch.full((len(prompt_ids) * group_size, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(tokens.shape, device=device) if temperature > 0 else None
     try:
         for g, (ids, seed) in enumerate(zip(prompt_ids, seeds)):
             prompt = torch.tensor([ids], device=device)
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
                 out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-            new = out.sequences[:, prompt.shape[1]:]
-            rows = slice(g * group_size, (g + 1) * group_size)
-            tokens[rows, :new.shape[1]] = new
-            if logprobs is not None:
-                for t, logits in enumerate(out.logits):
-                    logprobs[rows, t] = token_logprob(logits, new[:, t], temperature)
+            new = out[:, prompt.shape[1]:]
+            tokens[g * group_size:(g + 1) * group_size, :new.shape[1]] = new
     finally:
         model.generation_config = model_config
-    return tokens, logprobs
+    return tokens, None
 
 
 def decode(tokenizer, rollout: Rollout, conversational: bool) -> tuple[list, list[list[int]]]:

@@ -53,7 +53,7 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
     except TypeError:  # a model class that predates logits_to_keep
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
     cache = out.past_key_values
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+    if not _expandable(cache):
         return None
     if G > 1:
         cache.batch_repeat_interleave(G)
@@ -86,6 +86,14 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
+
+
+def _expandable(cache) -> bool:
+    """Whether repeating the cache along the batch repeats all of its state: attention layers'
+    keys and values do; linear-attention / SSM layers (Qwen3-Next, Falcon-H1, ...) hold more."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and hasattr(cache, "batch_repeat_interleave") and all(
+        type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in layers)
 
 
 def token_logprob(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:

@@ -173,8 +173,10 @@ class Trainer:
             # The behaviour policy's log-probabilities; with one minibatch and one pass the policy
             # cannot move before the update, which then uses its own (detached) ones instead.
             if cfg.num_minibatches > 1 or cfg.num_iterations > 1:
-                rollout.old_logprobs = rollout.sampling_logprobs if cfg.use_rollout_logprobs else \
-                    batched_logprobs(policy, rollout, cfg.temperature, cfg.micro_batch_size, cfg.logprob_chunk_size)
+                rollout.old_logprobs = rollout.sampling_logprobs if cfg.use_rollout_logprobs else None
+                if rollout.old_logprobs is None:  # asked for, or a model the shared sampler cannot serve
+                    rollout.old_logprobs = batched_logprobs(policy, rollout, cfg.temperature, cfg.micro_batch_size,
+                                                            cfg.logprob_chunk_size)
             if self.ref_model is not None:
                 rollout.ref_logprobs = batched_logprobs(self.ref_model, rollout, cfg.temperature,
                                                         cfg.micro_batch_size, cfg.logprob_chunk_size)
@@ -245,7 +247,7 @@ class Trainer:
                 samples=cfg.eval_num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                 max_new_tokens=cfg.max_completion_length, seed=cfg.seed, device=self.acc.device,
                 indices=list(range(self.acc.process_index, len(self.eval_set), self.acc.num_processes)),
-                greedy=cfg.eval_greedy,
+                greedy=cfg.eval_greedy, max_sequences=cfg.max_num_seqs,
             )
         summed = self.acc.reduce(totals.as_tensor().to(self.acc.device), "sum").cpu()
         metrics = evaluation.EvalTotals.from_tensor(summed, cfg.eval_num_generations).metrics()

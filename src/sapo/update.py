@@ -72,6 +72,7 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
     world = accelerator.num_processes
     stats = MetricMean()
     grad_norms, losses = [], []
+    mismatch = [0.0, 0.0]  # |log pi_theta - log pi_old| summed over the first minibatch's tokens, and their count
     model.train()
     for iteration in range(config.num_iterations):
         plan = minibatch_plan(num_prompts, G, config.num_minibatches, seed=config.seed, step=step,
@@ -105,6 +106,10 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
                     accelerator.backward(out.loss)
                 if off_policy is not None and (k > 0 or iteration > 0):
                     off_policy.add(logp.detach() - old, mask)
+                if k == 0 and iteration == 0 and part.old_logprobs is not None:
+                    # Before any update the two differ only by numerics (sampling pass vs training forward).
+                    mismatch[0] += float(((logp.detach() - old).abs() * mask).sum())
+                    mismatch[1] += float(mask.sum())
                 tokens = float(mask.sum())
                 out.metrics["entropy"] = float((entropy * mask).sum() / max(tokens, 1.0))
                 losses[-1] += float(out.loss.detach())
@@ -113,7 +118,10 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    metrics = _across_processes(accelerator, stats.result())
+    result = stats.result()
+    if rollout.old_logprobs is not None:  # the same on every process
+        result["rollout/logprob_abs_diff"] = mismatch[0] / max(mismatch[1], 1.0)
+    metrics = _across_processes(accelerator, result)
     if "kl/mean" in metrics:
         metrics["kl"] = metrics.pop("kl/mean")
     metrics["loss"] = sum(losses) / len(losses)
