@@ -78,20 +78,26 @@ def test_float64_gradcheck_with_entropy_bias_and_temperature():
                                                                    bias=b, temperature=0.5), (hidden, weight, bias))
 
 
-def test_bfloat16_is_as_accurate_as_the_full_bfloat16_logits():
-    hidden, weight, _, ids = inputs(torch.bfloat16)
+def full_logits(h, W, i, _):
+    """The usual path: logits in the input dtype (a bf16 model's lm_head), float32 log_softmax."""
+    logp_NV = torch.log_softmax((h @ W.T).float(), dim=-1)
+    return logp_NV.gather(1, i.unsqueeze(1)).squeeze(1), -(logp_NV.exp() * logp_NV).sum(-1)
+
+
+def ours_full_and_reference(hidden, weight, ids, chunk_size):
+    """(name, ours, full logits, float64 reference) for logp, entropy and both gradients."""
     w = torch.randn(2, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-
-    def full_bf16(h, W, i, _):  # what a bf16 model's lm_head + float32 log_softmax computes
-        logp_NV = torch.log_softmax((h @ W.T).float(), dim=-1)
-        return logp_NV.gather(1, i.unsqueeze(1)).squeeze(1), -(logp_NV.exp() * logp_NV).sum(-1)
-
-    ours = values_and_grads(lambda h, W, i, b: token_logprobs(h, W, i, chunk_size=40, return_entropy=True),
+    ours = values_and_grads(lambda h, W, i, b: token_logprobs(h, W, i, chunk_size=chunk_size, return_entropy=True),
                             hidden, weight, None, ids, w[0], w[1])
-    full = values_and_grads(full_bf16, hidden, weight, None, ids, w[0], w[1])
+    full = values_and_grads(full_logits, hidden, weight, None, ids, w[0], w[1])
     ref = values_and_grads(lambda h, W, i, b: reference(h, W, i), hidden.detach().double().requires_grad_(),
                            weight.detach().double().requires_grad_(), None, ids, w[0], w[1])
-    for name, a, f, r in zip(["logp", "entropy", "d hidden", "d weight"], ours, full, ref):
+    return zip(["logp", "entropy", "d hidden", "d weight"], ours, full, ref)
+
+
+def test_bfloat16_is_as_accurate_as_the_full_bfloat16_logits():
+    hidden, weight, _, ids = inputs(torch.bfloat16)
+    for name, a, f, r in ours_full_and_reference(hidden, weight, ids, chunk_size=40):
         assert rel_err(a, r) <= 2 * rel_err(f, r) + 1e-3, name
         assert rel_err(a, f) < 5e-2, name
 
@@ -130,18 +136,7 @@ def test_double_backward_is_refused_not_wrong():
 
 def test_extreme_logits_stay_finite_and_as_accurate_as_full_float32():
     hidden, weight, _, ids = inputs(scale=300.0)  # logits in the thousands
-    w = torch.randn(2, N, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-
-    def full_float32(h, W, i, _):
-        logp_NV = torch.log_softmax(h @ W.T, -1)
-        return logp_NV.gather(1, i.unsqueeze(1)).squeeze(1), -(logp_NV.exp() * logp_NV).sum(-1)
-
-    ours = values_and_grads(lambda h, W, i, b: token_logprobs(h, W, i, chunk_size=13, return_entropy=True),
-                            hidden, weight, None, ids, w[0], w[1])
-    full = values_and_grads(full_float32, hidden, weight, None, ids, w[0], w[1])
-    ref = values_and_grads(lambda h, W, i, b: reference(h, W, i), hidden.detach().double().requires_grad_(),
-                           weight.detach().double().requires_grad_(), None, ids, w[0], w[1])
-    for name, a, f, r in zip(["logp", "entropy", "d hidden", "d weight"], ours, full, ref):
+    for name, a, f, r in ours_full_and_reference(hidden, weight, ids, chunk_size=13):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, r) <= 2 * rel_err(f, r) + 1e-6, name
 
