@@ -89,9 +89,10 @@ class TrainConfig:
     is larger than one chunk (smaller ones gain nothing); 0: always full logits + log_softmax.
     Models whose output layer is not a plain linear layer use full logits anyway."""
     max_num_seqs: int = 0
-    """Most sequences sampled in one decoding batch (vLLM's and verl's max_num_seqs); 0: the whole
-    rollout batch, prompts_per_step * num_generations, at once. Lower it when the KV cache of the
-    whole batch does not fit. Samples do not depend on it (each group has its own seed)."""
+    """Most sequences sampled in one decoding batch (vLLM's and verl's max_num_seqs), rounded
+    down to whole groups but at least one group; 0: the whole rollout batch at once. Lower it
+    when the KV cache of the whole batch does not fit. Samples do not depend on it (each group
+    has its own seed), up to the numerics of batching. Also used by the evaluation."""
     use_rollout_logprobs: bool = True
     """Take pi_old from the log-probabilities computed while sampling (verl's rollout log-probs)
     instead of a separate forward pass over the batch. They are the same model and weights in

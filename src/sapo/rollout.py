@@ -50,8 +50,8 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
     greedy decoding. With `shared_prefill` (sampling.py) each prompt is prefilled once and the
     groups decode together, at most `max_sequences` sequences at a time (0: all); otherwise, or
     if the model's cache cannot be expanded, `model.generate` runs once per group, with the same
-    draws. Either way the log-probabilities of the sampled tokens come back in
-    `sampling_logprobs` (not when greedy).
+    draws. The shared path also returns the log-probabilities of the sampled tokens in
+    `sampling_logprobs` (None when greedy or when any group fell back to `generate`).
     """
     if not prompt_ids:
         raise ValueError("generate: no prompts")
