@@ -91,9 +91,13 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
 def _expandable(cache) -> bool:
     """Whether repeating the cache along the batch repeats all of its state: attention layers'
     keys and values do; linear-attention / SSM layers (Qwen3-Next, Falcon-H1, ...) hold more."""
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return False
     layers = getattr(cache, "layers", None)
-    return bool(layers) and hasattr(cache, "batch_repeat_interleave") and all(
-        type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in layers)
+    if layers is None:  # transformers < 4.56: a plain DynamicCache holds keys and values only
+        return type(cache).__name__ == "DynamicCache"
+    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer")
+                                for layer in layers)
 
 
 def token_logprob(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
