@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sapo.logprobs import completion_logprobs, lean_head
+from sapo.logprobs import _VERIFIED, completion_logprobs, lean_head
 from sapo.tiny import char_tokenizer, tiny_causal_lm
 
 
@@ -21,6 +21,9 @@ def batch(vocab, seed=0):
 
 
 def run(model, chunk_size, data, temperature=0.8):
+    if chunk_size and model.lm_head not in _VERIFIED:  # the first call only checks the chunked path
+        completion_logprobs(model, *data, temperature, chunk_size=chunk_size)
+        assert _VERIFIED[model.lm_head]
     model.zero_grad()
     logp, entropy = completion_logprobs(model, *data, temperature, with_entropy=True, chunk_size=chunk_size)
     (logp * torch.linspace(-1, 1, logp.shape[1])).sum().backward()
@@ -67,8 +70,23 @@ def test_a_model_that_post_processes_its_logits_falls_back_to_them():
     model.register_forward_hook(lambda m, args, out: out.__setitem__("logits", out.logits * 0.5) or out)
     full, _ = completion_logprobs(model, *data, 1.0, chunk_size=0)
     with pytest.warns(UserWarning, match="using full logits"):
-        chunked, _ = completion_logprobs(model, *data, 1.0, chunk_size=8)
+        checked, _ = completion_logprobs(model, *data, 1.0, chunk_size=8)
+    assert _VERIFIED[model.lm_head] is False
+    chunked, _ = completion_logprobs(model, *data, 1.0, chunk_size=8)
+    torch.testing.assert_close(checked, full)
     torch.testing.assert_close(chunked, full)
+
+
+def test_the_check_needs_a_token_and_compares_the_same_forward():
+    tok = char_tokenizer()
+    # Dropout on: two forward passes would differ, the check must not mistake that for post-processing.
+    model = tiny_causal_lm(tok, hidden_size=32, attention_dropout=0.5).train()
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch(len(tok))
+    completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, torch.zeros_like(completion_mask), 1.0,
+                        chunk_size=8)
+    assert model.lm_head not in _VERIFIED  # nothing to compare: no verdict
+    completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 1.0, chunk_size=8)
+    assert _VERIFIED[model.lm_head] is True
 
 
 def test_heads_that_are_not_plain_linear_keep_the_full_logits():

@@ -42,11 +42,11 @@ def token_logprobs(hidden_states: Tensor, weight: Tensor, token_ids: Tensor, *, 
         raise ValueError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    # The matmuls run in the dtype the output layer would use here: autocast's, if it is on for
-    # float32 inputs (both passes then agree; the backward runs outside any autocast region).
+    # The matmuls run in the dtype the output layer would use here: autocast's, if it is on
+    # (it leaves float64 alone); both passes then agree, the backward running outside autocast.
     device = hidden_states.device.type
     mm_dtype = torch.promote_types(hidden_states.dtype, weight.dtype)
-    if mm_dtype == torch.float32 and torch.is_autocast_enabled(device):
+    if mm_dtype != torch.float64 and torch.is_autocast_enabled(device):
         mm_dtype = torch.get_autocast_dtype(device)
     logp, entropy = _ChunkedLogprobs.apply(hidden_states, weight, bias, token_ids.long(), float(temperature),
                                           min(chunk, weight.shape[0]), bool(return_entropy), mm_dtype)

@@ -96,7 +96,7 @@ class TrainConfig:
     use_rollout_logprobs: bool = True
     """Take pi_old from the log-probabilities computed while sampling (verl's rollout log-probs)
     instead of a separate forward pass over the batch. They are the same model and weights in
-    eval mode; only batching and KV-cache numerics differ (about 1e-6 in float32, more in
+    eval mode; only batching and KV-cache numerics differ (below 1e-6 in float32, more in
     bfloat16). False recomputes them with a full forward pass."""
     optim: str = "adamw"
     """Optimizer: "adamw" (torch.optim.AdamW) or "sgd" (plain gradient steps, handy to compare updates)."""
