@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -369,21 +370,22 @@ def main(argv: list[str] | None = None) -> int:
     summary_rows = {}
     print(f"\n{'framework':<{width}}  {'mean s/step':>11}  {'final Pass@1 mean +- std':>24}")
     for name in FRAMEWORKS:
-        step_s = _mean([r["seconds_per_step"] for r in runs[name]])
+        step_s = statistics.mean([r["seconds_per_step"] for r in runs[name]])
         passes = [r["eval"]["pass@1"] for r in runs[name]]
-        summary_rows[name] = {"seconds_per_step": step_s, "pass@1_mean": _mean(passes), "pass@1_std": _std(passes)}
-        print(f"{labels[name]:<{width}}  {step_s:>11.3f}  {_mean(passes):>15.3f} +- {_std(passes):.3f}")
+        mean, std = statistics.mean(passes), statistics.stdev(passes) if len(passes) > 1 else 0.0
+        summary_rows[name] = {"seconds_per_step": step_s, "pass@1_mean": mean, "pass@1_std": std}
+        print(f"{labels[name]:<{width}}  {step_s:>11.3f}  {mean:>15.3f} +- {std:.3f}")
     ratio = summary_rows["trl"]["seconds_per_step"] / summary_rows["sapo"]["seconds_per_step"]
     print(f"\nsapo-rl steps per second / TRL steps per second = {ratio:.2f}\n")
     print("seconds per step by phase, mean over seeds (rollout: generation and behaviour log-probs; update: "
           "forward/backward and optimizer steps)")
     print(f"{'framework':<{width}}  {'rollout':>8}  {'reward':>7}  {'update':>7}  {'other':>7}")
     for name in FRAMEWORKS:
-        phase = {k: _mean([r["phases"][k] for r in runs[name]]) / args.steps
+        phase = {k: statistics.mean([r["phases"][k] for r in runs[name]]) / args.steps
                  for k in ("rollout", "reward", "update", "other")}
         print(f"{labels[name]:<{width}}  " + "  ".join(f"{phase[k]:>{w}.3f}" for k, w in
                                                     (("rollout", 8), ("reward", 7), ("update", 7), ("other", 7))))
-    generate_s = _mean([r["phases"]["generate"] for r in runs["trl"]]) / args.steps
+    generate_s = statistics.mean([r["phases"]["generate"] for r in runs["trl"]]) / args.steps
     print(f"(TRL's rollout includes {generate_s:.3f} s/step in model.generate and decoding)")
 
     summary = {"steps": args.steps, "seeds": seeds, "eval_seed": args.eval_seed, "start_eval": start,
@@ -394,17 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwrote {root / 'results.json'}")
     return 0
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def _std(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = _mean(xs)
-    return (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
 
 
 def _version(dist: str) -> str:

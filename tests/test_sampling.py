@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sapo.rollout import batched_logprobs, generate
-from sapo.sampling import process_logits, sample_groups
+from sapo.sampling import sample_groups, top_p_filter
 from sapo.tiny import char_tokenizer, tiny_causal_lm
 
 PROMPTS = ["7+8=", "12+345=", "1=", "99*9=", "3-2="]  # different lengths: left padding in the batch
@@ -92,9 +92,9 @@ def test_model_with_linear_attention_state_falls_back_to_generate():
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass_and_never_nothing():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01]]))
-    kept = torch.isfinite(process_logits(logits, 1.0, 0.8))
+    kept = torch.isfinite(top_p_filter(logits, 0.8))
     assert kept.tolist() == [[True, True, False, False], [True, False, False, False]]
-    assert torch.isfinite(process_logits(logits, 1.0, 1e-9)).sum(-1).tolist() == [1, 1]
+    assert torch.isfinite(top_p_filter(logits, 1e-9)).sum(-1).tolist() == [1, 1]
 
 
 def test_sample_groups_pads_after_eos():

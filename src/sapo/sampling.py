@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 
-def process_logits(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """Sampling scores from next-token logits (N, V): logits / T, then top-p filtering."""
-    scores = logits.float() / temperature
+def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
+    """Scores (N, V) with the tokens outside the top-p nucleus set to -inf."""
     if top_p < 1.0:
         sorted_scores, order = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(-1).cumsum(-1)
@@ -70,13 +69,14 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
         if generators is None:
             next_tokens = logits.float().argmax(-1)
         else:
-            probs = process_logits(logits, temperature, top_p).softmax(-1)
+            scaled = logits.float() / temperature  # (B*G, V), shared by the draw and its log-prob
+            probs = top_p_filter(scaled, top_p).softmax(-1)
             next_tokens = torch.cat([torch.multinomial(probs[g * G:(g + 1) * G], 1, generator=gen).squeeze(1)
                                      for g, gen in enumerate(generators)])
         next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
         tokens.append(next_tokens)
-        if generators is not None:
-            logprobs.append(token_logprob(logits, next_tokens, temperature))
+        if generators is not None:  # log pi/T of the drawn token, without top-p
+            logprobs.append(scaled.gather(1, next_tokens.unsqueeze(1)).squeeze(1) - scaled.logsumexp(-1))
         unfinished &= next_tokens != eos_token_id
         if t == max_new_tokens - 1 or not bool(unfinished.any()):
             break
@@ -98,9 +98,3 @@ def _expandable(cache) -> bool:
         return type(cache).__name__ == "DynamicCache"
     return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer")
                                 for layer in layers)
-
-
-def token_logprob(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
-    """log softmax(logits / T)[token] per row, float32, without a second (N, V) tensor."""
-    scaled = logits.float() / temperature
-    return scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - scaled.logsumexp(-1)
