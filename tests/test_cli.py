@@ -109,6 +109,24 @@ def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--samples", "0"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--samples must be at least 1" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--max-num-seqs", "-1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--max-num-seqs must be 0" in result.stderr
+
+
+def test_eval_results_do_not_depend_on_max_num_seqs(tmp_path):
+    from sapo.demo import shipped_model_path
+
+    results = []
+    for cap in ("0", "8"):
+        out = tmp_path / f"eval{cap}.json"
+        result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--problems", "24",
+                                 "--samples", "4", "--max-num-seqs", cap, "--device", "cpu", "--out", str(out)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        results.append(json.loads(out.read_text()))
+    assert results[0]["problems"] == 24 and 0 < results[0]["pass@1"] < 1
+    assert results[0] == results[1]
 
 
 def test_warmstart_refuses_to_overwrite_a_directory_that_is_not_a_model(tmp_path):

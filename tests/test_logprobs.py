@@ -122,3 +122,36 @@ def test_chunked_path_only_when_the_vocabulary_spans_more_than_one_chunk(monkeyp
     assert calls == []
     completion_logprobs(model, *data, 1.0, chunk_size=len(tok) - 1)
     assert calls and set(calls) == {len(tok) - 1}
+
+
+def test_a_model_without_logits_to_keep_is_called_once_without_it():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    calls = []
+
+    class Old(nn.Module):  # a model class that predates logits_to_keep
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache):
+            calls.append(1)
+            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    data = batch(len(tok))
+    logp, _ = completion_logprobs(Old(), *data, 1.0)
+    torch.testing.assert_close(logp, completion_logprobs(model, *data, 1.0)[0])
+    assert len(calls) == 1
+
+
+def test_a_type_error_inside_the_model_is_raised_without_a_second_forward():
+    calls = []
+
+    class Broken(nn.Module):
+        def forward(self, **kwargs):
+            calls.append(1)
+            raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        completion_logprobs(Broken(), *batch(20), 1.0)
+    assert len(calls) == 1

@@ -65,6 +65,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         if args.samples < 1:
             raise ConfigError(f"--samples must be at least 1, got {args.samples}")
+        if args.max_num_seqs < 0:
+            raise ConfigError(f"--max-num-seqs must be 0 (all at once) or positive, got {args.max_num_seqs}")
         task = get_task(args.task)
         tokenizer = load_tokenizer(args.model)
         rows = load_rows(args.task, split="test", task_kwargs=_kwargs(args.task_kwargs))[: args.problems]
@@ -72,13 +74,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError) as err:
         print(f"sapo eval: error: {err}", file=sys.stderr)
         return 2
-    model = load_model(args.model).eval()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(args.model).to(device).eval()
     with Progress(disable=not sys.stderr.isatty()) as bar:
         job = bar.add_task(f"eval {args.task}", total=len(prompts))
         totals = evaluation.evaluate(model, tokenizer, prompts, [load_reward_function(task.reward)], [1.0],
                                      samples=args.samples, temperature=args.temperature, top_p=1.0,
-                                     max_new_tokens=args.max_new_tokens, seed=args.seed, device=torch.device("cpu"),
-                                     on_batch=lambda n: bar.advance(job, n))
+                                     max_new_tokens=args.max_new_tokens, seed=args.seed, device=device,
+                                     max_sequences=args.max_num_seqs, on_batch=lambda n: bar.advance(job, n))
     metrics = totals.metrics()
     result = {"pass@1": metrics["pass@1"], "pass@k": metrics[f"pass@{args.samples}"], "k": args.samples,
               "greedy_accuracy": metrics["greedy_accuracy"], "samples": args.samples, "problems": totals.problems,
@@ -255,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--problems", type=int, default=None, help="only the first N held-out problems")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-num-seqs", type=int, default=0,
+                    help="most sequences decoded at once, rounded down to whole problems (0: a batch of 16 problems)")
+    ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ev.add_argument("--task-kwargs", nargs="*", metavar="key=value", help="task options, e.g. digits=3")
     ev.add_argument("--out", help="write the results as JSON here")
     ev.set_defaults(func=_cmd_eval)

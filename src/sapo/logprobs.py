@@ -99,7 +99,11 @@ def _record_verdict(model, head: nn.Linear, lean_BC: Tensor | None, logits: Tens
 def _forward(model, kwargs: dict, keep: int) -> Tensor:
     try:
         return model(**kwargs, logits_to_keep=keep).logits
-    except TypeError:  # a model class that predates logits_to_keep
+    except TypeError as error:
+        # A model class that predates logits_to_keep rejects it before computing anything; any
+        # other TypeError comes from inside the model and is not retried.
+        if "logits_to_keep" not in str(error):
+            raise
         return model(**kwargs).logits
 
 
