@@ -111,6 +111,36 @@ def test_zero_std_groups_give_zero_gradient(loss_type):
     assert out.loss.item() == 0.0 and torch.count_nonzero(grad) == 0
 
 
+@pytest.mark.parametrize("others, adv", [(0.0, 1.0), (20.0 / 99, -1.0)])
+def test_gspo_sequence_ratio_sees_a_token_beyond_the_clamp(others, adv):
+    # One token at l = -25 among 99: GSPO's s = exp(mean l) must include it, and the token keeps
+    # its gradient. With the others at +20/99, s = 0.951 is outside the band and (A < 0) the whole
+    # sequence is clipped; a per-token clamp to -20 would put s at 1.0 and miss it.
+    old = torch.zeros(1, 100, dtype=torch.float64)
+    logp = torch.full((1, 100), others, dtype=torch.float64)
+    logp[0, 7] = -25.0
+    A, mask = torch.tensor([adv], dtype=torch.float64), torch.ones(1, 100)
+    out, grad = loss_and_grad(logp, old, A, mask, loss_type="gspo")
+    want_loss, want_grad = reference_loss(logp.numpy(), old.numpy(), A.numpy(), mask.numpy(), loss_type="gspo")
+    assert out.loss.item() == pytest.approx(want_loss, rel=1e-12)
+    np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-12, atol=1e-300)
+    s = np.exp((25.0 - 99 * others) / -100)
+    assert out.metrics["gspo/seq_ratio_mean"] == pytest.approx(s)
+    if adv > 0:
+        assert grad[0, 7].item() == pytest.approx(-s / 100) and want_grad[0, 7] != 0
+    else:
+        assert out.metrics["gspo/seq_clip_frac"] == 1.0 and torch.count_nonzero(grad) == 0
+
+
+def test_gspo_clamps_the_sequence_mean():
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    logp = torch.tensor([[30.0, 30.0, 30.0], [-30.0, -30.0, -30.0]], dtype=torch.float64)
+    out, grad = loss_and_grad(logp, old, torch.tensor([-1.0, 1.0]), torch.ones(2, 3), loss_type="gspo")
+    assert_finite(out, grad)
+    assert out.metrics["gspo/seq_ratio_max"] == pytest.approx(np.exp(sapo.LOG_RATIO_CLAMP))
+    assert out.metrics["gspo/seq_ratio_min"] == pytest.approx(np.exp(-sapo.LOG_RATIO_CLAMP))
+
+
 def test_clamp_zeroes_the_gradient_only_beyond_the_bound():
     old = torch.zeros(1, 3, dtype=torch.float64)
     logp = torch.tensor([[19.0, 21.0, -21.0]], dtype=torch.float64)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .registry import (
+    LOG_RATIO_CLAMP,
     PolicyLossInputs,
     PolicyLossSettings,
     TokenLoss,
@@ -112,11 +113,14 @@ def gspo_loss(inputs: PolicyLossInputs, settings: PolicyLossSettings) -> TokenLo
     hard-clipped like GRPO. With a sequence-wide advantage it has the value and gradient of the
     sequence form; it also accepts per-token advantages. Defaults eps = 3e-4, eps_high = 4e-4."""
     eps_low, eps_high = _clip_widths(settings, GSPO_EPSILON, GSPO_EPSILON_HIGH)
-    adv, mask, log_ratio = inputs.advantages, inputs.mask, inputs.log_ratio
+    adv, mask, logp = inputs.advantages, inputs.mask, inputs.logprobs
     lengths_B = mask.sum(-1)
-    seq_log_ratio_B = (log_ratio * mask).sum(-1) / lengths_B.clamp(min=1)
-    # pi/sg[pi] is exp(l - sg[l]): value 1, gradient that of log pi, since pi_old is constant.
-    token_log_ratio = seq_log_ratio_B.detach().unsqueeze(-1) + log_ratio - log_ratio.detach()
+    # The mean of the raw token log-ratios (not of the clamped ones: a single token far off
+    # policy must move s_i, and keeps its gradient); only the mean is clamped, before exp.
+    raw_log_ratio = (logp - inputs.old_logprobs).detach()
+    seq_log_ratio_B = ((raw_log_ratio * mask).sum(-1) / lengths_B.clamp(min=1)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # pi/sg[pi] is exp(log pi - sg[log pi]): value 1, gradient that of log pi.
+    token_log_ratio = seq_log_ratio_B.unsqueeze(-1) + logp - logp.detach()
     seq_ratio_BT = torch.exp(token_log_ratio)
     positive = adv > 0
     loss = -hard_gate(seq_ratio_BT, positive, eps_low, eps_high) * adv
@@ -125,7 +129,7 @@ def gspo_loss(inputs: PolicyLossInputs, settings: PolicyLossSettings) -> TokenLo
     clipped_BT = ((s > 1 + eps_high) & positive) | ((s < 1 - eps_low) & (adv < 0))
     has_tokens_B = (lengths_B > 0).to(mask.dtype)
     clipped_B = ((clipped_BT & (mask > 0)).any(-1)).to(mask.dtype)
-    seq_ratio_B = torch.exp(seq_log_ratio_B.detach())
+    seq_ratio_B = torch.exp(seq_log_ratio_B)
     metrics = {
         "gspo/seq_clip_frac": masked_mean(clipped_B, has_tokens_B),
         "gspo/token_clip_frac": masked_fraction(clipped_BT, mask),

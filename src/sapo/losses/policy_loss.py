@@ -14,17 +14,13 @@ from torch import Tensor
 
 from .aggregation import aggregate, check_aggregation
 from .registry import (
+    LOG_RATIO_CLAMP,
     PolicyLossInputs,
     PolicyLossSettings,
     get_policy_loss,
     masked_extreme,
     masked_mean,
 )
-
-LOG_RATIO_CLAMP = 20.0
-"""|l| beyond this is treated as this (as verl does). exp(20) = 4.9e8 keeps every objective and
-gradient finite in float32, and SAPO's true gradient weight there, sech^2(tau(r-1)/2) r, is
-below 1e-100: nothing is lost. See docs/algorithms.md, "Numerics"."""
 
 
 @dataclass

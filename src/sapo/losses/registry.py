@@ -16,6 +16,12 @@ from torch import Tensor
 
 from .._registry import Registry
 
+LOG_RATIO_CLAMP = 20.0
+"""|l| beyond this is treated as this, as verl does (GSPO clamps its sequence mean of l
+instead). exp(20) = 4.9e8 keeps every objective and gradient finite in float32, and SAPO's
+true gradient weight there, sech^2(tau(r-1)/2) r, is below 1e-100: nothing is lost. See
+docs/algorithms.md, "Numerics"."""
+
 
 @dataclass(frozen=True)
 class PolicyLossInputs:
