@@ -9,7 +9,7 @@ import pytest
 
 import sapo
 from sapo.rewards.code import CodeRunner, code_tests_reward, extract_program, same_output
-from sapo.rewards.sandbox import Limits, Sandbox
+from sapo.rewards.sandbox import FIRST_UID, Limits, Sandbox
 
 LIMITS = Limits(wall_seconds=5.0, cpu_seconds=3, memory_bytes=512 << 20, file_bytes=1 << 20, processes=64,
                 output_bytes=1 << 16)
@@ -156,4 +156,28 @@ def test_without_bubblewrap_the_run_refuses_to_start_unless_allowed(base_config,
     unsandboxed = Sandbox(LIMITS, allow_unsandboxed=True)
     assert not unsandboxed.isolated and any("UNSANDBOXED" in str(w.message) for w in recwarn)
     result = unsandboxed.run_python("import os\nprint(os.environ.get('HOME'), os.getuid() if os.geteuid() else 'root')")
-    assert result.stdout.split() == ["None", str(65534 if os.geteuid() == 0 else os.getuid())]
+    home, uid = result.stdout.split()
+    assert home == "None" and (int(uid) >= FIRST_UID if os.geteuid() == 0 else int(uid) == os.getuid())
+
+
+def test_a_program_has_its_process_budget_whatever_runs_beside_it():
+    # Each program needs 11 of its 16 processes/threads; four run at once, next to a program that
+    # takes all of its own. With one budget per uid shared by the four, threads failed to start.
+    limits = Limits(wall_seconds=5.0, cpu_seconds=3, memory_bytes=512 << 20, file_bytes=1 << 20, processes=16,
+                    output_bytes=1 << 16)
+    threads = ("import time\nfrom concurrent.futures import ThreadPoolExecutor\n"
+               "def f(x):\n    time.sleep(0.3)\n    return x * x\n"
+               "with ThreadPoolExecutor(10) as ex:\n    print(sum(ex.map(f, range(10))))")
+    hog = ("import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(5)")
+    runner = CodeRunner(Sandbox(limits, concurrency=4), parallel=4)
+    tests = [[{"input": "", "output": "285"}]] * 8
+    got = code_tests_reward(runner=runner)(prompts=[""] * 8, completions=[fenced(hog)] + [fenced(threads)] * 7,
+                                           tests=tests)
+    assert got == [0.0] + [1.0] * 7
+
+
+def test_tests_that_are_not_a_list_are_an_error_naming_the_column(reward):
+    for bad in ("assert add(1, 2) == 3", {"input": "", "output": "1"}):
+        with pytest.raises(ValueError, match=r"`tests` column must hold a list.*completion 1"):
+            reward(prompts=["", ""], completions=[fenced("print(1)")] * 2, tests=[[], bad])
+    assert reward(prompts=[""], completions=[fenced("print(1)")], tests=[None]) == [None]

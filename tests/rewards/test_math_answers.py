@@ -35,6 +35,7 @@ def test_wrong_or_missing_answers_do_not(gold, completion):
 
 def test_unparseable_gold_does_not_count():
     assert math_accuracy(["q"], ["\\boxed{3}"], [""]) == [None]
+    assert math_accuracy(["q"] * 3, ["\\boxed{3}"] * 3, [None, "3", None]) == [None, 1.0, None]  # missing gold
 
 
 def test_extraction():

@@ -48,7 +48,7 @@ class CodeRunner:
         naming the fix, where programs cannot be isolated and the user did not opt in."""
         with self._lock:
             if self._sandbox is None:
-                self._sandbox = Sandbox(allow_unsandboxed=allow_unsandboxed)
+                self._sandbox = Sandbox(allow_unsandboxed=allow_unsandboxed, concurrency=self.parallel)
 
     @property
     def sandbox(self) -> Sandbox:
@@ -108,11 +108,22 @@ def code_tests_reward(*, all_or_nothing: bool = False, runner: CodeRunner | None
 
     def code_tests(prompts: list, completions: list, tests: list, **kwargs) -> list[float | None]:
         programs = [extract_program(completion_text(c)) for c in completions]
-        return own.score(programs, [list(t or []) for t in tests], all_or_nothing=all_or_nothing)
+        return own.score(programs, [_test_list(t, i) for i, t in enumerate(tests)], all_or_nothing=all_or_nothing)
 
     code_tests.reward_metrics = own.metrics  # type: ignore[attr-defined]
     code_tests.prepare = own.prepare  # type: ignore[attr-defined]
     return code_tests
+
+
+def _test_list(tests: Any, row: int) -> list:
+    """A row's `tests` as a list; a lone string or dict would be iterated as characters or keys."""
+    if tests is None:
+        return []
+    if not isinstance(tests, (list, tuple)):
+        raise ValueError(f"the `tests` column must hold a list of tests ({{'input': ..., 'output': ...}} dicts or "
+                         f"assert strings); completion {row} has a {type(tests).__name__} (a JSON string? decode it "
+                         "with json.loads when preparing the dataset)")
+    return list(tests)
 
 
 code_tests = register_reward("code_tests")(code_tests_reward())

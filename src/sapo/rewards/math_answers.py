@@ -173,8 +173,13 @@ def checker() -> MathChecker:
 def math_accuracy(prompts: list, completions: list, answer: list, **kwargs) -> list[float | None]:
     """1.0 when the completion's final answer (last \\boxed{}, else last number) is equivalent to
     the gold `answer` (a plain string: "0.5", "\\frac{1}{2}", "12"), else 0.0; None when the gold
-    answer cannot be parsed."""
-    return checker().check([(str(a), completion_text(c)) for a, c in zip(answer, completions)])
+    answer is missing or cannot be parsed."""
+    given = [i for i, a in enumerate(answer) if a is not None]
+    scores = checker().check([(str(answer[i]), completion_text(completions[i])) for i in given])
+    out: list[float | None] = [None] * len(completions)
+    for i, score in zip(given, scores):
+        out[i] = score
+    return out
 
 
 math_accuracy.reward_metrics = lambda: checker().metrics()  # type: ignore[attr-defined]
