@@ -46,3 +46,22 @@ def test_resume_survives_a_metrics_line_cut_short_by_a_crash(base_config):
     trainer.train()
     steps = [json.loads(line)["step"] for line in open(f"{out}/metrics.jsonl")]
     assert steps == [1, 2]
+
+
+def test_a_start_that_would_mix_two_runs_is_refused(base_config):
+    sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 2, "save_steps": 1})).train()
+    # A fresh run into the same directory: "latest" would later resume the old run's checkpoint.
+    with pytest.raises(sapo.ConfigError, match=r"already holds checkpoints of an earlier run \(checkpoint-1, "
+                                               r"checkpoint-2\).*resume_from_checkpoint=latest"):
+        sapo.Trainer(sapo.TrainConfig(**{**base_config, "loss_type": "grpo"}))
+    # Resuming with settings that make it another run.
+    with pytest.raises(sapo.ConfigError, match=r"other settings \(learning_rate: 0.01 -> 0.001; loss_type: 'sapo' -> "
+                                               r"'grpo'\).*model="):
+        sapo.Trainer(sapo.TrainConfig(**{**base_config, "learning_rate": 1e-3, "loss_type": "grpo",
+                                         "resume_from_checkpoint": "latest", "max_steps": 4}))
+    with pytest.raises(sapo.ConfigError, match="checkpoint-2 is at step 2, beyond max_steps=1"):
+        sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 1, "resume_from_checkpoint": "latest"}))
+    # Length, checkpointing and memory batching may change when a run is continued.
+    resumed = sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 3, "save_total_limit": 1, "micro_batch_size": 2,
+                                               "resume_from_checkpoint": "latest"}))
+    assert resumed.start_step == 2

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 import sapo
 from sapo.cli import main
 
@@ -34,7 +36,7 @@ def test_help_config_lists_every_field():
 
 def test_bad_input_is_one_clear_line_not_a_traceback(workdir, tmp_path):
     model, data, rewards = workdir / "model", workdir / "data.jsonl", workdir / "rewards.py"
-    common = [f"model={model}", f"output_dir={tmp_path}", "max_steps=1", "num_generations=2", "prompts_per_step=2",
+    common = [f"model={model}", "max_steps=1", "num_generations=2", "prompts_per_step=2",
               "max_completion_length=4", "num_minibatches=1"]
     cases = [
         ([f"dataset={tmp_path}/missing.jsonl", "reward_funcs=exact_match"], "dataset file"),
@@ -45,8 +47,8 @@ def test_bad_input_is_one_clear_line_not_a_traceback(workdir, tmp_path):
         ([f"dataset={data}", f"reward_funcs={rewards}:wrong_length"], "returned 1 values for 4 completions"),
         ([f"dataset={data}", "reward_funcs=exact_match", "learning_rat=1"], "did you mean learning_rate"),
     ]
-    for extra, message in cases:
-        result = sapo_train(*common, *extra)
+    for i, (extra, message) in enumerate(cases):
+        result = sapo_train(*common, f"output_dir={tmp_path / str(i)}", *extra)
         if message is None:
             assert result.returncode == 0, result.stderr[-2000:]
             continue
@@ -109,9 +111,16 @@ def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--samples", "0"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--samples must be at least 1" in result.stderr
-    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--max-num-seqs", "-1"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "--max-num-seqs must be 0" in result.stderr
+    for args, message in ((["--max-num-seqs", "-1"], "--max-num-seqs must be 0"),
+                          (["--temperature", "-1"], "--temperature must be positive"),
+                          (["--problems", "-5"], "--problems must be positive"),
+                          (["--out", str(tmp_path / "missing" / "e.json")], "does not exist"),
+                          (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--samples", "0"], "")):
+        result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), *args],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert result.returncode == 2 and "no such local model directory" in result.stderr
 
 
 def test_eval_results_do_not_depend_on_max_num_seqs(tmp_path):

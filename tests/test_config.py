@@ -27,6 +27,7 @@ def test_yaml_then_overrides(tmp_path):
     (["learning_rate=fast"], r"learning_rate must be a number"),
     (["max_steps=true"], r"max_steps must be int"),
     (["loss_type"], r"is not key=value"),
+    (["reward_funcs=[arithmetic"], r"override 'reward_funcs=\[arithmetic': the value is not valid YAML"),
 ])
 def test_bad_fields_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -47,6 +48,9 @@ def valid(tmp_path, **kw):
     (dict(tau_neg=0.0), r"tau_neg must be a positive"),
     (dict(reward_weights=[1.0, 2.0]), r"reward_weights=.* needs one weight per reward function \(1\)"),
     (dict(top_p=0.0), r"top_p=0.0 must be in"),
+    (dict(learning_rate=float("inf")), r"learning_rate=inf must be a finite number"),
+    (dict(seed=-1), r"seed=-1 must be in \[0, 2\*\*32\)"),
+    (dict(loss_type="grpo", epsilon=2.0), r"epsilon must be below 1"),
     (dict(report_to=["mlflow"]), r"report_to='mlflow'"),
     (dict(model="/nonexistent/model"), r"model='/nonexistent/model': no such local path"),
 ])

@@ -8,6 +8,8 @@ import pytest
 import torch
 import yaml
 
+import sapo
+
 from sapo.experiments import compare_runs, parse_grid, run_all, sweep_runs
 from sapo.plots import gate_curves
 from sapo.report import RunData, build_report, collapsed
@@ -48,6 +50,13 @@ def test_rerunning_skips_finished_runs(tiny_base, tmp_path):
     run_all(tiny_base, runs, tmp_path, log=said.append)
     assert said == ["[1/1] sapo seed 0: finished, skipped"]
     assert metrics.read_text() == before
+    # Other settings in the same directory: refused before anything runs, not reported as these.
+    with pytest.raises(sapo.ConfigError, match=r"holds a run with other settings \(learning_rate: 0.01 -> 0.02\)"):
+        run_all({**tiny_base, "learning_rate": 2e-2}, runs, tmp_path, log=said.append)
+    # A longer run continues the finished one.
+    run_all({**tiny_base, "max_steps": 3}, runs, tmp_path, log=said.append)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [0, 1, 2, 3] and json.loads((metrics.parent / "summary.json").read_text())["steps"] == 3
 
 
 def test_sweep_grid_and_the_report_command(tiny_base, tmp_path):

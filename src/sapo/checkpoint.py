@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -39,6 +39,29 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
         raise ConfigError(f"resume_from_checkpoint={spec!r} is not a checkpoint directory (no trainer_state.json); "
                           "use 'latest' or a checkpoint-<step> directory")
     return path
+
+
+def check_start(config: TrainConfig, resume_path: Path | None) -> None:
+    """Refuse a start that would mix two runs: a fresh run into an output_dir that holds another
+    run's checkpoints (resuming "latest" later, or rotating checkpoints, would pick those up), or a
+    resume with settings that make it a different run, or from beyond max_steps."""
+    if resume_path is None:
+        found = list_checkpoints(config.output_dir)
+        if found:
+            raise ConfigError(f"output_dir={config.output_dir!r} already holds checkpoints of an earlier run "
+                              f"({', '.join(p.name for p in found[-3:])}); continue it with "
+                              "resume_from_checkpoint=latest, or start over in another output_dir (or delete them)")
+        return
+    saved = TrainConfig.load_saved(resume_path / "config.yaml")
+    differences = config.run_differences(saved) if saved is not None else []
+    if differences:
+        raise ConfigError(f"resume_from_checkpoint: {resume_path} belongs to a run with other settings "
+                          f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); resume with "
+                          f"its settings, or start a new run from its weights with model={str(resume_path)!r}")
+    step = json.loads((resume_path / "trainer_state.json").read_text())["step"]
+    if step > config.max_steps:
+        raise ConfigError(f"resume_from_checkpoint: {resume_path.name} is at step {step}, beyond max_steps="
+                          f"{config.max_steps}; raise max_steps, or use an earlier checkpoint")
 
 
 def rng_state() -> dict[str, Any]:

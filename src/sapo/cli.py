@@ -51,6 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     import torch
     from rich.progress import Progress
@@ -67,6 +68,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--samples must be at least 1, got {args.samples}")
         if args.max_num_seqs < 0:
             raise ConfigError(f"--max-num-seqs must be 0 (all at once) or positive, got {args.max_num_seqs}")
+        if not args.temperature > 0:
+            raise ConfigError(f"--temperature must be positive (greedy accuracy is reported as well), got {args.temperature}")
+        if args.max_new_tokens < 1 or (args.problems is not None and args.problems < 1):
+            raise ConfigError("--max-new-tokens and --problems must be positive")
+        if args.out and not Path(args.out).resolve().parent.is_dir():
+            raise ConfigError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
+        if not Path(args.model).is_dir():
+            raise ConfigError(f"{args.model}: no such local model directory (sapo eval loads models from disk)")
+        if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: no CUDA device is available here")
         task = get_task(args.task)
         tokenizer = load_tokenizer(args.model)
         rows = load_rows(args.task, split="test", task_kwargs=_kwargs(args.task_kwargs))[: args.problems]
@@ -88,8 +99,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               "model": str(args.model), "task": args.task, "temperature": args.temperature, "seed": args.seed}
     _print_eval(result)
     if args.out:
-        from pathlib import Path
-
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

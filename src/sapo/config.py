@@ -29,6 +29,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 
 
+# Fields a continued run may change without becoming a different run (see run_differences).
+CONTINUABLE = frozenset({
+    "max_steps", "eval_dataset", "eval_steps", "eval_num_generations", "eval_greedy", "save_steps", "save_total_limit",
+    "resume_from_checkpoint", "output_dir", "report_to", "log_completions", "micro_batch_size", "logprob_chunk_size",
+    "max_num_seqs", "skip_reward_errors", "allow_unsandboxed_code",
+})
+
+
 class ConfigError(ValueError):
     """A configuration or input problem, with a message that names the field and the fix."""
 
@@ -180,7 +188,11 @@ class TrainConfig:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not key=value (e.g. loss_type=grpo)")
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            try:
+                values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it "
+                                  f"({key.strip()}='\"...\"') or fix the brackets") from None
         return cls.from_dict(values)
 
     @classmethod
@@ -201,6 +213,21 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def load_saved(cls, path: str | Path) -> "TrainConfig | None":
+        """The config a run saved (its output_dir's or a checkpoint's config.yaml), or None if absent."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+
+    def run_differences(self, other: "TrainConfig") -> list[str]:
+        """The settings that make `other` a different training run from this one, as
+        "field: other's value -> this value". Length, logging, checkpointing, evaluation and
+        batching for memory (the same updates either way) may change when a run is continued."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in CONTINUABLE and mine[k] != theirs.get(k)]
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "TrainConfig":
@@ -228,9 +255,11 @@ class TrainConfig:
         _require(self.temperature > 0 and math.isfinite(self.temperature), "temperature", self.temperature,
                  "must be a positive number")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _require(self.learning_rate >= 0, "learning_rate", self.learning_rate, "must be >= 0")
-        _require(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables clipping)")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 <= self.learning_rate < math.inf, "learning_rate", self.learning_rate, "must be a finite number >= 0")
+        _require(0 <= self.max_grad_norm < math.inf, "max_grad_norm", self.max_grad_norm,
+                 "must be a finite number >= 0 (0 disables clipping)")
+        _require(0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay, "must be a finite number >= 0")
+        _require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
         _require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
                  self.save_total_limit, "must be None or >= 1")
         _choice("loss_type", self.loss_type, available_policy_losses())

@@ -70,12 +70,17 @@ def run_all(base: dict[str, Any], runs: list[Run], out_dir: str | Path, *, log=p
     for run in runs:
         values = {**base, **run.overrides, "seed": run.seed, "output_dir": str(run.directory(root)),
                   "resume_from_checkpoint": "latest"}
-        configs.append((run, TrainConfig.from_dict(values).validate()))
+        config = TrainConfig.from_dict(values).validate()
+        saved = TrainConfig.load_saved(run.directory(root) / "config.yaml")
+        if saved is not None and config.run_differences(saved):
+            raise ConfigError(f"{run.directory(root)} holds a run with other settings "
+                              f"({'; '.join(config.run_differences(saved)[:4])}); use another --out, or delete it")
+        configs.append((run, config, saved))
     from .trainer import Trainer
 
-    for i, (run, config) in enumerate(configs):
+    for i, (run, config, saved) in enumerate(configs):
         directory = run.directory(root)
-        if (directory / "summary.json").is_file():
+        if (directory / "summary.json").is_file() and saved is not None and saved.max_steps == config.max_steps:
             log(f"[{i + 1}/{len(runs)}] {run.arm} seed {run.seed}: finished, skipped")
             continue
         log(f"[{i + 1}/{len(runs)}] {run.arm} seed {run.seed} -> {directory}")

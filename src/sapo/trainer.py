@@ -17,7 +17,7 @@ from transformers import get_scheduler
 from . import evaluation
 from . import rewards as reward_lib
 from .advantages import group_advantages
-from .checkpoint import load_training_state, resolve_resume, save_checkpoint
+from .checkpoint import check_start, load_training_state, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .diagnostics import OffPolicyStats
 from .data import PromptSet, gsm8k_rows, load_rows, math_rows, prepare_prompts, prompts_for_step
@@ -61,6 +61,7 @@ class Trainer:
         set_seed(config.seed)
 
         self.resume_path = resolve_resume(config.resume_from_checkpoint, config.output_dir)
+        check_start(config, self.resume_path)
         self.tokenizer = load_tokenizer(config.model)
         self.rewards = [reward_lib.load_reward_function(spec) for spec in config.reward_funcs]
         self.reward_weights = config.reward_weights or [1.0] * len(self.rewards)

@@ -81,6 +81,7 @@ def args(B=2, T=3):
     (dict(tau_pos=0.0), r"tau_pos must be a positive"),
     (dict(tau_neg=float("nan")), r"tau_neg must be a positive"),
     (dict(epsilon=-0.1), r"epsilon must be a non-negative"),
+    (dict(epsilon=1.0), r"epsilon must be below 1"),
     (dict(epsilon_high="0.2"), r"epsilon_high must be a non-negative"),
 ])
 def test_bad_settings_are_errors_naming_the_field(kwargs, message):

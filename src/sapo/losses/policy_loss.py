@@ -92,6 +92,8 @@ def check_settings(tau_pos: float, tau_neg: float, epsilon: float | None, epsilo
     for name, value in (("epsilon", epsilon), ("epsilon_high", epsilon_high)):
         if value is not None and not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
             raise ValueError(f"{name} must be a non-negative number or None for the loss type's default, got {value!r}")
+    if epsilon is not None and epsilon >= 1:
+        raise ValueError(f"epsilon must be below 1 (the band's lower edge is 1 - epsilon), got {epsilon!r}")
     if not (isinstance(beta, (int, float)) and 0 <= beta < float("inf")):
         raise ValueError(f"beta must be a non-negative number (0 disables the KL term), got {beta!r}")
 
