@@ -103,9 +103,12 @@ def test_train_without_a_config_runs_the_demo(tmp_path):
 def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- a: 1\n- b: 2\n")
     (tmp_path / "broken.yaml").write_text("loss_type: [sapo\n")
-    for name, message in (("list.yaml", "expected a mapping"), ("broken.yaml", "is not valid YAML")):
+    (tmp_path / "latin1.yaml").write_bytes("loss_type: sapo # caf\xe9\n".encode("latin-1"))
+    for name, message in (("list.yaml", "expected a mapping"), ("broken.yaml", "is not valid YAML"),
+                          ("latin1.yaml", "is not UTF-8 text")):
         result = sapo_train(str(tmp_path / name))
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     from sapo.demo import shipped_model_path
 
     result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--samples", "0"],

@@ -28,6 +28,10 @@ def test_missing_prompt_column_and_mixed_formats():
     mixed = [{"prompt": [{"role": "user", "content": "hi"}]}, {"prompt": "plain"}]
     with pytest.raises(ConfigError, match=r"row 1: 'prompt' must be a string in every row, or a list"):
         prepare_prompts(mixed, char_tokenizer(), max_prompt_length=99, filter_overlong=False)
+    for empty in ("", []):
+        with pytest.raises(ConfigError, match=r"row 1: the prompt is empty"):
+            prepare_prompts([{"prompt": "ok" if empty == "" else [{"role": "user", "content": "hi"}]},
+                             {"prompt": empty}], char_tokenizer(), max_prompt_length=99, filter_overlong=False)
 
 
 def test_file_errors(tmp_path):
@@ -35,6 +39,9 @@ def test_file_errors(tmp_path):
         load_rows(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ConfigError, match=r"neither a .jsonl/.json/.parquet file nor a built-in task"):
         load_rows("no_such_task")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"dataset file '.*empty.jsonl' is empty"):
+        load_rows(str(tmp_path / "empty.jsonl"))
 
 
 def test_parquet_and_json(tmp_path):

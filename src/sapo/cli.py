@@ -154,24 +154,14 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 def _load_config(items: list[str]):
     """An optional leading CONFIG.yaml, then key=value overrides. When neither names a `model`
     or a `dataset`, they apply on top of the built-in demo setting (sapo.demo)."""
-    import yaml
-
-    from .config import ConfigError, TrainConfig
+    from .config import TrainConfig, read_yaml_mapping
     from .demo import demo_settings
 
     items = list(items)
     path = items.pop(0) if items and "=" not in items[0] else None
     named = {i.split("=", 1)[0] for i in items}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(open(path)) or {}
-        except OSError as err:
-            raise ConfigError(f"config file {path!r}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path!r}: expected a mapping of field: value, got {type(loaded).__name__}")
-        named |= set(loaded)
+        named |= set(read_yaml_mapping(path))
     base = None if named & {"model", "dataset"} else demo_settings()
     return TrainConfig.from_sources(path, items, base=base)
 

@@ -41,6 +41,24 @@ class ConfigError(ValueError):
     """A configuration or input problem, with a message that names the field and the fix."""
 
 
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's `field: value` mapping; every problem is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"config file {str(path)!r}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of field: value, got {type(loaded).__name__}")
+    return loaded
+
+
 @dataclass
 class TrainConfig:
     # --- model and data ---
@@ -174,16 +192,7 @@ class TrainConfig:
         """`base` values, then a YAML file's (optional), then `key=value` overrides on top."""
         values: dict[str, Any] = dict(base or {})
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r} does not exist")
-            try:
-                loaded = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
-            values.update(loaded)
+            values.update(read_yaml_mapping(path))
         for item in overrides or []:
             key, sep, raw = item.partition("=")
             if not sep or not key:

@@ -25,6 +25,8 @@ def load_rows(spec: str, *, split: str = "train", task_kwargs: dict[str, Any] | 
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
             raise ConfigError(f"dataset file {spec!r} does not exist")
+        if path.stat().st_size == 0:
+            raise ConfigError(f"dataset file {spec!r} is empty")
         import datasets
 
         try:
@@ -76,6 +78,8 @@ def prepare_prompts(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length:
         if conversational != is_conversational(prompt) or not (conversational or isinstance(prompt, str)):
             raise ConfigError(f"{name} row {i}: 'prompt' must be a string in every row, or a list of "
                               f"{{'role', 'content'}} messages in every row; got {type(prompt).__name__}")
+        if not prompt:
+            raise ConfigError(f"{name} row {i}: the prompt is empty")
         if conversational:
             if tokenizer.chat_template is None:
                 raise ConfigError(f"{name} is conversational but the tokenizer has no chat template")
@@ -84,6 +88,9 @@ def prepare_prompts(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length:
             texts.append(prompt)
     # Templates already carry their special tokens, so none are added (as TRL does).
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:
+        raise ConfigError(f"{name} row {empty[0]}: the prompt is no tokens at all ({len(empty)} such rows)")
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
     if too_long and not filter_overlong:
         examples = ", ".join(f"row {i} ({len(ids[i])} tokens)" for i in too_long[:5])
