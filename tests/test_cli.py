@@ -147,3 +147,19 @@ def test_warmstart_refuses_to_overwrite_a_directory_that_is_not_a_model(tmp_path
                             capture_output=True, text=True)
     assert result.returncode == 2 and "does not hold a model" in result.stderr
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_experiment_and_plot_options_are_checked_before_anything_runs(tmp_path, capsys):
+    cases = [
+        (["compare", "--seeds", "a"], "--seeds 'a': expected comma-separated int values"),
+        (["compare", "--seeds", "0,0"], "repeats a value"),
+        (["compare", "--loss-types", ""], "--loss-types is empty"),
+        (["compare", "loss_type=grpo"], "loss_type is set for every run and varied by the --loss-types option"),
+        (["sweep", "--grid", "tau_neg=1.0", "--grid", "tau_neg=2.0"], "--grid tau_neg is given twice"),
+        (["plot", "gates", "--out", str(tmp_path / "g.xyz")], "give a .png, .pdf or .svg file"),
+        (["plot", "gates", "--out", str(tmp_path / "g.png"), "--tau-pos", "0"], "must be positive"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path / "runs")] if argv[0] != "plot" else argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "runs").exists()

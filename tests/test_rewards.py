@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from sapo.config import ConfigError
 from sapo.rewards import RewardError, check_signature, load_reward_function, score
@@ -71,6 +72,7 @@ def test_a_raising_function_is_named_with_its_sample():
     ([1.0], r"returned 1 values for 3 completions"),
     ("abc", r"returned str; it must return a list"),
     (["x", 1, 2], r"returned 'x'; rewards must be numbers or None"),
+    (["1", 1, 2], r"returned '1'; rewards must be numbers or None"),
     ([math.inf, 1, 2], r"returned inf; rewards must be finite"),
 ])
 def test_bad_return_values(value, message):
@@ -79,3 +81,12 @@ def test_bad_return_values(value, message):
 
     with pytest.raises(ConfigError, match=message):
         call([bad])
+
+
+def test_numbers_of_any_kind_are_rewards():
+    import numpy as np
+
+    def kinds(prompts, completions, **kw):
+        return [np.float32(0.5), torch.tensor(1.0), True]
+
+    assert call([kinds]).total.tolist() == [0.5, 1.0, 1.0]

@@ -177,6 +177,10 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
     try:
         base = _load_config(args.args).to_dict()
         runs = runs_for(args)
+        overridden = sorted({k for run in runs for k in run.overrides} & {i.split("=", 1)[0] for i in args.args})
+        if overridden:
+            raise ConfigError(f"{', '.join(overridden)} is set for every run and varied by the "
+                              f"{'--loss-types' if args.command == 'compare' else '--grid'} option: give it in one place")
         dirs = run_all(base, runs, args.out or default_out)
         report = build_report(dirs, args.out or default_out, threshold=args.threshold,
                               title=f"sapo {args.command}", command="sapo " + shlex.join(sys.argv[1:] if args.argv is None
@@ -191,13 +195,13 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .experiments import compare_runs
 
-    return _run_experiment(args, lambda a: compare_runs(_csv(a.loss_types, str), _csv(a.seeds, int)), "outputs/compare")
+    return _run_experiment(args, lambda a: compare_runs(_csv(a.loss_types, str, "--loss-types"), _csv(a.seeds, int, "--seeds")), "outputs/compare")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .experiments import parse_grid, sweep_runs
 
-    return _run_experiment(args, lambda a: sweep_runs(parse_grid(a.grid), _csv(a.seeds, int)), "outputs/sweep")
+    return _run_experiment(args, lambda a: sweep_runs(parse_grid(a.grid), _csv(a.seeds, int, "--seeds")), "outputs/sweep")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -218,14 +222,36 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .plots import plot_gates
 
+    problem = None
+    if not (0 < args.tau_pos < float("inf") and 0 < args.tau_neg < float("inf")):
+        problem = "--tau-pos and --tau-neg must be positive"
+    elif Path(args.out).suffix.lower() not in (".png", ".pdf", ".svg"):
+        problem = f"--out {args.out}: give a .png, .pdf or .svg file"
+    if problem:
+        print(f"sapo plot: error: {problem}", file=sys.stderr)
+        return 2
     print(f"wrote {plot_gates(args.out, tau_pos=args.tau_pos, tau_neg=args.tau_neg)}")
     return 0
 
 
-def _csv(text: str, kind):
-    return [kind(x) for x in text.split(",") if x.strip()]
+def _csv(text: str, kind, option: str) -> list:
+    """A comma-separated option's distinct values, in order; none, or one that is not a `kind`,
+    is a ConfigError naming the option."""
+    from .config import ConfigError
+
+    try:
+        values = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated {kind.__name__} values") from None
+    if not values:
+        raise ConfigError(f"{option} is empty")
+    if len(set(values)) < len(values):
+        raise ConfigError(f"{option} {text!r} repeats a value")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,6 +49,8 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ConfigError(f"--grid {item!r} is not key=v1,v2,... (e.g. tau_neg=0.95,1.0,1.05)")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid {key}=v1,v2,...")
         grid[key] = [_scalar(yaml.safe_load(v)) for v in values.split(",")]
     return grid
 

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,10 +186,11 @@ def _check_values(reward: NamedReward, values: Any, n: int) -> list:
         if v is None:
             out.append(None)
             continue
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"reward function {reward.name!r} returned {v!r}; rewards must be numbers or None") from None
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (str, bytes)) or not isinstance(v, numbers.Real):  # float("1") would pass a string
+            raise ConfigError(f"reward function {reward.name!r} returned {v!r}; rewards must be numbers or None")
+        v = float(v)
         if math.isnan(v):
             out.append(None)
         elif math.isinf(v):
