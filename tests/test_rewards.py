@@ -74,6 +74,7 @@ def test_a_raising_function_is_named_with_its_sample():
     (["x", 1, 2], r"returned 'x'; rewards must be numbers or None"),
     (["1", 1, 2], r"returned '1'; rewards must be numbers or None"),
     ([math.inf, 1, 2], r"returned inf; rewards must be finite"),
+    ([1e39, 1, 2], r"returned 1e\+39; rewards must be finite float32"),
 ])
 def test_bad_return_values(value, message):
     def bad(prompts, completions, **kw):

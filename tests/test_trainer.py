@@ -2,6 +2,8 @@
 
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,7 +52,9 @@ def test_mixture_of_experts_model_trains(base_config, tmp_path):
 
 def update_after_one_step(base_config, **kwargs):
     # SGD: the update is -lr * gradient, so float noise is not amplified as Adam's 1/|g| would.
-    _, before, after, _ = run(**{**base_config, "max_steps": 1, "optim": "sgd", "learning_rate": 1.0, **kwargs})
+    fresh = tempfile.mkdtemp(dir=Path(base_config["output_dir"]).parent)  # each run its own output_dir
+    _, before, after, _ = run(**{**base_config, "max_steps": 1, "optim": "sgd", "learning_rate": 1.0,
+                                 "output_dir": fresh, **kwargs})
     return {k: after[k] - before[k] for k in before}
 
 
@@ -121,7 +125,7 @@ def test_kl_to_reference_model(base_config):
     trainer, _, _, history = run(**{**base_config, "beta": 0.1})
     assert trainer.ref_model is not None
     assert all(0 < r["kl"] < 1 for r in history)  # the policy drifts from the reference, a little
-    plain, _, _, history = run(**base_config)
+    plain, _, _, history = run(**{**base_config, "output_dir": base_config["output_dir"] + "-plain"})
     assert plain.ref_model is None and "kl" not in history[0]
 
 
@@ -131,7 +135,7 @@ def test_truncated_completions_can_be_left_out_of_the_loss(base_config):
     _, before, after, history = run(**kw, mask_truncated_completions=True)
     assert history[0]["completions/clipped_ratio"] == 1.0
     assert all(torch.equal(before[k], after[k]) for k in before)
-    _, before, after, _ = run(**kw, mask_truncated_completions=False)
+    _, before, after, _ = run(**{**kw, "output_dir": kw["output_dir"] + "-kept"}, mask_truncated_completions=False)
     assert not all(torch.equal(before[k], after[k]) for k in before)
 
 

@@ -21,6 +21,8 @@ from ..config import ConfigError
 RewardFunc = Callable[..., list]
 REWARDS: Registry[RewardFunc] = Registry("reward_funcs")
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def register_reward(name: str) -> Callable[[RewardFunc], RewardFunc]:
     """Make a reward function available by name in `reward_funcs`."""
@@ -193,8 +195,8 @@ def _check_values(reward: NamedReward, values: Any, n: int) -> list:
         v = float(v)
         if math.isnan(v):
             out.append(None)
-        elif math.isinf(v):
-            raise ConfigError(f"reward function {reward.name!r} returned {v}; rewards must be finite")
+        elif math.isinf(v) or abs(v) > FLOAT32_MAX:  # rewards become float32 tensors
+            raise ConfigError(f"reward function {reward.name!r} returned {v}; rewards must be finite float32 numbers")
         else:
             out.append(v)
     return out

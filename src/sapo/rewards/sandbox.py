@@ -5,7 +5,7 @@ A program never runs in the trainer's process. Each run gets a fresh temporary d
   host filesystem read-only, a private /tmp, only its own directory writable, an empty
   environment, no capabilities, killed with its parent;
 - a non-root uid of its own when the trainer runs as root, so that the process limit applies to
-  that program alone (one uid per concurrent run: the limit counts all processes of a uid);
+  that program alone (one uid per run: the limit counts all processes of a uid);
 - rlimits through `prlimit`: CPU seconds, address space, file size, processes, open files;
 - a wall-clock timeout and a cap on the output read back; everything is killed at either.
 
@@ -16,7 +16,7 @@ the rlimits, the empty environment and the temporary directory only, and a warni
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import os
 import selectors
 import shutil
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 from ..config import ConfigError
 
-# Programs run by root get uid FIRST_UID + (pid mod 10^6) * 64 + slot: unprivileged, unique per
-# trainer process and concurrent run, and below 2^31.
+# Programs run by root get uid FIRST_UID + (pid mod 10^5) * 10^4 + (run number mod 10^4):
+# unprivileged, below 2^31, and not shared with any run of this trainer still alive or dying
+# (a killed run's processes take a moment to go, and would count against a new run's limit).
 FIRST_UID = 1_000_000_000
 MAX_CONCURRENCY = 64
 
@@ -62,14 +63,14 @@ class Result:
 class Sandbox:
     def __init__(self, limits: Limits | None = None, *, allow_unsandboxed: bool = False,
                  python: str | None = None, concurrency: int = 4) -> None:
-        """`concurrency`: programs run at once at most (more callers wait for a slot). Each slot
-        has its own process budget, so a program never fails for what runs beside it."""
+        """`concurrency`: programs run at once at most (more callers wait their turn). Each has a
+        process budget of its own, so a program never fails for what runs beside it."""
         if not 1 <= concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}], got {concurrency}")
         self.limits = limits or Limits()
         self.concurrency = concurrency
-        self._free_slots = list(range(concurrency))
-        self._slot_ready = threading.Condition()
+        self._turns = threading.BoundedSemaphore(concurrency)
+        self._run_numbers = itertools.count()  # thread-safe in CPython
         # The system interpreter: the trainer's may live where an unprivileged uid cannot read (e.g. under /root).
         self.python = python or next((p for p in ("/usr/bin/python3",) if os.path.exists(p)), sys.executable)
         self.isolated = self._probe()
@@ -87,23 +88,21 @@ class Sandbox:
         with tempfile.TemporaryDirectory() as work:
             os.chmod(work, 0o777)
             try:
-                done = subprocess.run(self._command(work, ["/bin/true"], isolated=True, slot=0), capture_output=True,
-                                      timeout=30)
+                done = subprocess.run(self._command(work, ["/bin/true"], isolated=True), capture_output=True, timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 return False
         return done.returncode == 0
 
-    def _command(self, work: str, argv: list[str], *, isolated: bool, slot: int,
-                 status_fd: int | None = None) -> list[str]:
+    def _command(self, work: str, argv: list[str], *, isolated: bool, status_fd: int | None = None) -> list[str]:
         lim = self.limits
         if os.geteuid() == 0:
             # Root is exempt from RLIMIT_NPROC, so the program runs as an unprivileged uid of its
-            # slot's own, where the limit counts its processes alone.
-            uid = FIRST_UID + (os.getpid() % 10**6) * MAX_CONCURRENCY + slot
+            # own, where the limit counts its processes alone.
+            uid = FIRST_UID + (os.getpid() % 10**5) * 10**4 + next(self._run_numbers) % 10**4
             nproc, drop = lim.processes, ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
         else:
             # RLIMIT_NPROC counts every thread of our uid: the trainer's, and those of the programs
-            # running beside this one. Allow those, and a full budget for each slot.
+            # running beside this one. Allow those, and a full budget for each of them.
             nproc, drop = _user_tasks() + lim.processes * self.concurrency, []
         cmd = ["prlimit", f"--cpu={lim.cpu_seconds}", f"--as={lim.memory_bytes}", f"--fsize={lim.file_bytes}",
                f"--nproc={nproc}", "--nofile=64", "--", *drop]
@@ -133,11 +132,11 @@ class Sandbox:
                 f.write(program)
             os.chmod(path, 0o644)
             argv = [self.python, "-I", path]
-            with self._slot() as slot:
+            with self._turns:
                 for attempt in range(5):
-                    result = self._run(work, argv, stdin, slot)
-                    # A killed run's namespace takes a moment to die; until then its uid may be at its
-                    # process limit and a new namespace cannot start. That is worth waiting out.
+                    result = self._run(work, argv, stdin)
+                    # Without root, a killed run's processes count against our uid until its namespace
+                    # has died, which takes a moment; a new namespace may not start until then.
                     if result.status != "infra":
                         break
                     time.sleep(0.25 * (attempt + 1))
@@ -147,25 +146,13 @@ class Sandbox:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    @contextlib.contextmanager
-    def _slot(self):
-        with self._slot_ready:
-            self._slot_ready.wait_for(lambda: self._free_slots)
-            slot = self._free_slots.pop()
-        try:
-            yield slot
-        finally:
-            with self._slot_ready:
-                self._free_slots.append(slot)
-                self._slot_ready.notify()
-
-    def _run(self, work: str, argv: list[str], stdin: str, slot: int) -> Result:
+    def _run(self, work: str, argv: list[str], stdin: str) -> Result:
         lim = self.limits
         deadline = time.monotonic() + lim.wall_seconds
         # bwrap reports on this pipe when the program has started: only a run that never started
         # is an infrastructure failure (the program's own stderr could say anything).
         status_r, status_w = os.pipe()
-        cmd = self._command(work, argv, isolated=self.isolated, slot=slot, status_fd=status_w if self.isolated else None)
+        cmd = self._command(work, argv, isolated=self.isolated, status_fd=status_w if self.isolated else None)
         try:
             process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        cwd=work, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
