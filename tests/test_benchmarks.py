@@ -26,3 +26,12 @@ def test_rollout_benchmark_runs_on_a_small_setting():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("8 ")]
     assert len(rows) == 2 and all(float(r[-1].rstrip("x")) > 0 for r in rows)
+
+
+def test_update_profile_runs_and_its_shared_prompt_layout_scores_the_same_tokens():
+    # The script asserts that one row per prompt gives the logits of one row per sample.
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_update.py"), "--steps", "1",
+                           "--batch", "8", "--shared-prefix", "--samples-per-prompt", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "prompt shared:       2 x 30 = 60 tokens" in done.stdout and "total" in done.stdout
