@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=2,
                         help="with --shared-prefix: samples of one prompt in a minibatch (the demo: G 8 / 4 minibatches)")
     args = parser.parse_args()
+    if args.shared_prefix and not 1 <= args.samples_per_prompt <= args.batch:
+        parser.error("--samples-per-prompt must be between 1 and --batch")
 
     from torch.profiler import ProfilerActivity, profile
 

@@ -65,3 +65,20 @@ def test_a_start_that_would_mix_two_runs_is_refused(base_config):
     resumed = sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 3, "save_total_limit": 1, "micro_batch_size": 2,
                                                "resume_from_checkpoint": "latest"}))
     assert resumed.start_step == 2
+
+
+def test_what_a_resume_may_change_depends_on_what_it_does(base_config, tmp_path):
+    sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 1})).train()
+    same = dict(resume_from_checkpoint="latest", max_steps=2)
+    # Knobs the objective ignores, and weights written out at their default, are the same run.
+    resumed = sapo.Trainer(sapo.TrainConfig(**{**base_config, **same, "epsilon": 0.3, "reward_weights": [1.0]}))
+    assert resumed.start_step == 1
+    # A linear schedule spans max_steps: another length is another run.
+    linear = {**base_config, "lr_scheduler": "linear", "output_dir": str(tmp_path / "linear")}
+    sapo.Trainer(sapo.TrainConfig(**{**linear, "max_steps": 1})).train()
+    with pytest.raises(sapo.ConfigError, match=r"other settings \(max_steps: 1 -> 2\)"):
+        sapo.Trainer(sapo.TrainConfig(**{**linear, **same}))
+    # A checkpoint of one run resumed into the directory of another.
+    with pytest.raises(sapo.ConfigError, match="already holds checkpoints of an earlier run"):
+        sapo.Trainer(sapo.TrainConfig(**{**linear, "max_steps": 1,
+                                         "resume_from_checkpoint": base_config["output_dir"] + "/checkpoint-1"}))

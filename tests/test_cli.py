@@ -118,7 +118,9 @@ def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
                           (["--temperature", "-1"], "--temperature must be positive"),
                           (["--problems", "-5"], "--problems must be positive"),
                           (["--out", str(tmp_path / "missing" / "e.json")], "does not exist"),
-                          (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--samples", "0"], "")):
+                          (["--device", "gpu"], "is not a torch device"),
+                          (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--samples", "0"],
+                           "no CUDA device" if not torch.cuda.is_available() else "--samples must be")):
         result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), *args],
                                 capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args

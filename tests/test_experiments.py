@@ -57,6 +57,11 @@ def test_rerunning_skips_finished_runs(tiny_base, tmp_path):
     run_all({**tiny_base, "max_steps": 3}, runs, tmp_path, log=said.append)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [0, 1, 2, 3] and json.loads((metrics.parent / "summary.json").read_text())["steps"] == 3
+    # A shorter run than the one on disk, or other evaluation settings: refused up front.
+    for changed, message in (({"max_steps": 2}, "more than max_steps=2"), ({"eval_num_generations": 4},
+                                                                          "eval_num_generations: 2 -> 4")):
+        with pytest.raises(sapo.ConfigError, match=message):
+            run_all({**tiny_base, **changed}, runs, tmp_path, log=said.append)
 
 
 def test_sweep_grid_and_the_report_command(tiny_base, tmp_path):

@@ -88,6 +88,6 @@ def test_numbers_of_any_kind_are_rewards():
     import numpy as np
 
     def kinds(prompts, completions, **kw):
-        return [np.float32(0.5), torch.tensor(1.0), True]
+        return [np.float32(0.5), torch.tensor(1.0), np.bool_(True)]  # np.bool_ is not a numbers.Real
 
     assert call([kinds]).total.tolist() == [0.5, 1.0, 1.0]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, describe_differences
 
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -42,26 +42,32 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
 
 
 def check_start(config: TrainConfig, resume_path: Path | None) -> None:
-    """Refuse a start that would mix two runs: a fresh run into an output_dir that holds another
-    run's checkpoints (resuming "latest" later, or rotating checkpoints, would pick those up), or a
-    resume with settings that make it a different run, or from beyond max_steps."""
+    """Refuse a start that would mix two runs: a fresh run (or a resume from elsewhere) into an
+    output_dir that holds another run's checkpoints (a later "latest", or the rotation of
+    checkpoints, would pick those up), a resume with settings that make it a different run, or
+    one from beyond max_steps."""
+    found = list_checkpoints(config.output_dir)
+    ours = resume_path is not None and resume_path.resolve().parent == Path(config.output_dir).resolve()
+    if found and not ours:
+        raise ConfigError(f"output_dir={config.output_dir!r} already holds checkpoints of an earlier run "
+                          f"({', '.join(p.name for p in found[-3:])}); continue it with "
+                          "resume_from_checkpoint=latest, or start over in another output_dir (or delete them)")
     if resume_path is None:
-        found = list_checkpoints(config.output_dir)
-        if found:
-            raise ConfigError(f"output_dir={config.output_dir!r} already holds checkpoints of an earlier run "
-                              f"({', '.join(p.name for p in found[-3:])}); continue it with "
-                              "resume_from_checkpoint=latest, or start over in another output_dir (or delete them)")
         return
     saved = TrainConfig.load_saved(resume_path / "config.yaml")
     differences = config.run_differences(saved) if saved is not None else []
     if differences:
         raise ConfigError(f"resume_from_checkpoint: {resume_path} belongs to a run with other settings "
-                          f"({'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''}); resume with "
-                          f"its settings, or start a new run from its weights with model={str(resume_path)!r}")
-    step = json.loads((resume_path / "trainer_state.json").read_text())["step"]
+                          f"({describe_differences(differences)}); resume with its settings, or start a new run "
+                          f"from its weights with model={str(resume_path)!r}")
+    step = checkpoint_step(resume_path)
     if step > config.max_steps:
         raise ConfigError(f"resume_from_checkpoint: {resume_path.name} is at step {step}, beyond max_steps="
                           f"{config.max_steps}; raise max_steps, or use an earlier checkpoint")
+
+
+def checkpoint_step(path: Path) -> int:
+    return json.loads((path / "trainer_state.json").read_text())["step"]
 
 
 def rng_state() -> dict[str, Any]:

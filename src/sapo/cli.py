@@ -76,7 +76,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
         if not Path(args.model).is_dir():
             raise ConfigError(f"{args.model}: no such local model directory (sapo eval loads models from disk)")
-        if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            raise ConfigError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: no CUDA device is available here")
         task = get_task(args.task)
         tokenizer = load_tokenizer(args.model)
@@ -85,7 +89,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, OSError) as err:
         print(f"sapo eval: error: {err}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(args.model).to(device).eval()
     with Progress(disable=not sys.stderr.isatty()) as bar:
         job = bar.add_task(f"eval {args.task}", total=len(prompts))
@@ -159,11 +162,10 @@ def _load_config(items: list[str]):
 
     items = list(items)
     path = items.pop(0) if items and "=" not in items[0] else None
-    named = {i.split("=", 1)[0] for i in items}
-    if path is not None:
-        named |= set(read_yaml_mapping(path))
-    base = None if named & {"model", "dataset"} else demo_settings()
-    return TrainConfig.from_sources(path, items, base=base)
+    loaded = read_yaml_mapping(path) if path is not None else {}
+    named = {i.split("=", 1)[0] for i in items} | set(loaded)
+    base = {} if named & {"model", "dataset"} else demo_settings()
+    return TrainConfig.from_sources(None, items, base={**base, **loaded})
 
 
 def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int:

@@ -29,6 +29,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 
 
+# Settings a built-in objective ignores.
+UNUSED_BY = {"sapo": frozenset({"epsilon", "epsilon_high"}), "grpo": frozenset({"tau_pos", "tau_neg"}),
+             "gspo": frozenset({"tau_pos", "tau_neg"})}
 # Fields a continued run may change without becoming a different run (see run_differences).
 CONTINUABLE = frozenset({
     "max_steps", "eval_dataset", "eval_steps", "eval_num_generations", "eval_greedy", "save_steps", "save_total_limit",
@@ -57,6 +60,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of field: value, got {type(loaded).__name__}")
     return loaded
+
+
+def describe_differences(differences: list[str]) -> str:
+    """The first few differences, for an error message."""
+    return "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
 
 
 @dataclass
@@ -225,18 +233,36 @@ class TrainConfig:
 
     @classmethod
     def load_saved(cls, path: str | Path) -> "TrainConfig | None":
-        """The config a run saved (its output_dir's or a checkpoint's config.yaml), or None if absent."""
+        """The config a run saved (its output_dir's or a checkpoint's config.yaml), or None if
+        absent. Fields this version does not know (saved by another one) are left out."""
         path = Path(path)
         if not path.is_file():
             return None
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({k: v for k, v in read_yaml_mapping(path).items() if k in known})
 
-    def run_differences(self, other: "TrainConfig") -> list[str]:
+    def run_differences(self, other: "TrainConfig", *, may_change: frozenset[str] = None) -> list[str]:
         """The settings that make `other` a different training run from this one, as
-        "field: other's value -> this value". Length, logging, checkpointing, evaluation and
-        batching for memory (the same updates either way) may change when a run is continued."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in CONTINUABLE and mine[k] != theirs.get(k)]
+        "field: other's value -> this value", compared by their effect: paths resolved, the
+        objective's unused knobs and default reward weights ignored. `may_change` (default
+        CONTINUABLE) are the fields a continued run may change; `max_steps` only where the
+        learning rate schedule does not depend on it."""
+        may_change = CONTINUABLE if may_change is None else may_change
+        if self.lr_scheduler != "constant":
+            may_change = may_change - {"max_steps"}
+        if self.loss_type == other.loss_type:  # the knobs of other objectives do not matter
+            may_change = may_change | UNUSED_BY.get(self.loss_type, frozenset())
+        mine, theirs = self._effective(), other._effective()
+        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in may_change and mine[k] != theirs[k]]
+
+    def _effective(self) -> dict[str, Any]:
+        values = self.to_dict()
+        for key in ("model", "dataset", "eval_dataset"):
+            if values[key] and Path(values[key]).exists():
+                values[key] = str(Path(values[key]).resolve())
+        if values["reward_weights"] is None:
+            values["reward_weights"] = [1.0] * len(values["reward_funcs"])
+        return values
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "TrainConfig":

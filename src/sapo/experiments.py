@@ -1,8 +1,9 @@
 """`sapo compare` and `sapo sweep`: the same training for several arms (loss types, or any grid
 of config values) and seeds, each run in its own directory, then one report (report.py).
 
-A finished run (one with summary.json) is skipped when the command is run again; an unfinished
-one resumes from its latest checkpoint.
+Run again, the command skips a finished run (its summary.json is for max_steps), continues a
+run to a larger max_steps (constant learning rate), resumes an unfinished one from its latest
+checkpoint, and refuses a directory that holds a run with other settings.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig
+from .checkpoint import checkpoint_step, list_checkpoints
+from .config import CONTINUABLE, ConfigError, TrainConfig, describe_differences
 
 
 @dataclass(frozen=True)
@@ -64,25 +66,37 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+EVALUATION = frozenset({"eval_dataset", "eval_steps", "eval_num_generations", "eval_greedy"})
+
+
 def run_all(base: dict[str, Any], runs: list[Run], out_dir: str | Path, *, log=print) -> list[Path]:
     """Train every run not finished yet; return all run directories."""
     root = Path(out_dir)
-    # Check every arm's config before the first (long) run starts.
+    # Check every arm's config, and what its directory already holds, before the first (long) run.
     configs = []
     for run in runs:
-        values = {**base, **run.overrides, "seed": run.seed, "output_dir": str(run.directory(root)),
+        directory = run.directory(root)
+        values = {**base, **run.overrides, "seed": run.seed, "output_dir": str(directory),
                   "resume_from_checkpoint": "latest"}
         config = TrainConfig.from_dict(values).validate()
-        saved = TrainConfig.load_saved(run.directory(root) / "config.yaml")
-        if saved is not None and config.run_differences(saved):
-            raise ConfigError(f"{run.directory(root)} holds a run with other settings "
-                              f"({'; '.join(config.run_differences(saved)[:4])}); use another --out, or delete it")
-        configs.append((run, config, saved))
+        checkpoints = list_checkpoints(directory)
+        started = checkpoints or (directory / "summary.json").is_file()
+        saved = TrainConfig.load_saved(directory / "config.yaml") if started else None
+        # The report shows each run's evaluations: those settings must match too.
+        differences = config.run_differences(saved, may_change=CONTINUABLE - EVALUATION) if saved else []
+        if differences:
+            raise ConfigError(f"{directory} holds a run with other settings ({describe_differences(differences)}); "
+                              "use another --out, or delete it")
+        if checkpoints and checkpoint_step(checkpoints[-1]) > config.max_steps:
+            raise ConfigError(f"{directory} holds a run of more than max_steps={config.max_steps} steps "
+                              f"({checkpoints[-1].name}); use another --out, or delete it")
+        configs.append((run, config))
     from .trainer import Trainer
 
-    for i, (run, config, saved) in enumerate(configs):
+    for i, (run, config) in enumerate(configs):
         directory = run.directory(root)
-        if (directory / "summary.json").is_file() and saved is not None and saved.max_steps == config.max_steps:
+        summary = directory / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("steps") == config.max_steps:
             log(f"[{i + 1}/{len(runs)}] {run.arm} seed {run.seed}: finished, skipped")
             continue
         log(f"[{i + 1}/{len(runs)}] {run.arm} seed {run.seed} -> {directory}")

@@ -137,6 +137,7 @@ def test_gspo_clamps_the_sequence_mean():
     logp = torch.tensor([[30.0, 30.0, 30.0], [-30.0, -30.0, -30.0]], dtype=torch.float64)
     out, grad = loss_and_grad(logp, old, torch.tensor([-1.0, 1.0]), torch.ones(2, 3), loss_type="gspo")
     assert_finite(out, grad)
+    assert torch.count_nonzero(grad) == 0  # beyond the clamp, as GRPO's tokens: no gradient
     assert out.metrics["gspo/seq_ratio_max"] == pytest.approx(np.exp(sapo.LOG_RATIO_CLAMP))
     assert out.metrics["gspo/seq_ratio_min"] == pytest.approx(np.exp(-sapo.LOG_RATIO_CLAMP))
 

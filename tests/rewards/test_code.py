@@ -9,7 +9,7 @@ import pytest
 
 import sapo
 from sapo.rewards.code import CodeRunner, code_tests_reward, extract_program, same_output
-from sapo.rewards.sandbox import FIRST_UID, Limits, Sandbox
+from sapo.rewards.sandbox import Limits, Sandbox, _RunUids
 
 LIMITS = Limits(wall_seconds=5.0, cpu_seconds=3, memory_bytes=512 << 20, file_bytes=1 << 20, processes=64,
                 output_bytes=1 << 16)
@@ -157,7 +157,7 @@ def test_without_bubblewrap_the_run_refuses_to_start_unless_allowed(base_config,
     assert not unsandboxed.isolated and any("UNSANDBOXED" in str(w.message) for w in recwarn)
     result = unsandboxed.run_python("import os\nprint(os.environ.get('HOME'), os.getuid() if os.geteuid() else 'root')")
     home, uid = result.stdout.split()
-    assert home == "None" and (int(uid) >= FIRST_UID if os.geteuid() == 0 else int(uid) == os.getuid())
+    assert home == "None" and (int(uid) >= 1 << 16 if os.geteuid() == 0 else int(uid) == os.getuid())
 
 
 def test_a_program_has_its_process_budget_whatever_runs_beside_it():
@@ -181,3 +181,18 @@ def test_tests_that_are_not_a_list_are_an_error_naming_the_column(reward):
         with pytest.raises(ValueError, match=r"`tests` column must hold a list.*completion 1"):
             reward(prompts=["", ""], completions=[fenced("print(1)")] * 2, tests=[[], bad])
     assert reward(prompts=[""], completions=[fenced("print(1)")], tests=[None]) == [None]
+
+
+def test_run_uids_come_from_the_mapped_range_or_fall_back_to_nobody(monkeypatch):
+    import sapo.rewards.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "_can_become", lambda uid: True)
+    monkeypatch.setattr(sandbox, "_mapped_uid_ranges", lambda: [(0, 65536)])  # a typical container
+    assert {_RunUids().take() for _ in range(3)} == {65534}
+    monkeypatch.setattr(sandbox, "_mapped_uid_ranges", lambda: [(0, 1_000_000_000)])  # LXD's default
+    uids = [_RunUids().take() for _ in range(50)]
+    assert all(500_000_000 <= u < 1_000_000_000 for u in uids) and len(set(uids)) == 50
+    one = _RunUids()
+    assert len({one.take() for _ in range(100)}) == 100
+    monkeypatch.setattr(sandbox, "_can_become", lambda uid: False)  # setpriv refuses it: share nobody
+    assert _RunUids().take() == 65534

@@ -118,9 +118,12 @@ def gspo_loss(inputs: PolicyLossInputs, settings: PolicyLossSettings) -> TokenLo
     # The mean of the raw token log-ratios (not of the clamped ones: a single token far off
     # policy must move s_i, and keeps its gradient); only the mean is clamped, before exp.
     raw_log_ratio = (logp - inputs.old_logprobs).detach()
-    seq_log_ratio_B = ((raw_log_ratio * mask).sum(-1) / lengths_B.clamp(min=1)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    # pi/sg[pi] is exp(log pi - sg[log pi]): value 1, gradient that of log pi.
-    token_log_ratio = seq_log_ratio_B.unsqueeze(-1) + logp - logp.detach()
+    raw_seq_log_ratio_B = (raw_log_ratio * mask).sum(-1) / lengths_B.clamp(min=1)
+    seq_log_ratio_B = raw_seq_log_ratio_B.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    # pi/sg[pi] is exp(log pi - sg[log pi]): value 1, gradient that of log pi; none for a
+    # sequence whose mean was clamped, as the token clamp does for GRPO.
+    within = (raw_seq_log_ratio_B.abs() < LOG_RATIO_CLAMP).unsqueeze(-1)
+    token_log_ratio = seq_log_ratio_B.unsqueeze(-1) + torch.where(within, logp - logp.detach(), 0.0)
     seq_ratio_BT = torch.exp(token_log_ratio)
     positive = adv > 0
     loss = -hard_gate(seq_ratio_BT, positive, eps_low, eps_high) * adv

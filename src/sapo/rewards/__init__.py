@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import inspect
 import math
-import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,11 +187,12 @@ def _check_values(reward: NamedReward, values: Any, n: int) -> list:
         if v is None:
             out.append(None)
             continue
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        if isinstance(v, (str, bytes)) or not isinstance(v, numbers.Real):  # float("1") would pass a string
-            raise ConfigError(f"reward function {reward.name!r} returned {v!r}; rewards must be numbers or None")
-        v = float(v)
+        try:
+            if isinstance(v, (str, bytes)):  # float("1") would take a string
+                raise TypeError
+            v = float(v)  # also numpy and 0-d torch scalars, bools, Decimals
+        except (TypeError, ValueError):
+            raise ConfigError(f"reward function {reward.name!r} returned {v!r}; rewards must be numbers or None") from None
         if math.isnan(v):
             out.append(None)
         elif math.isinf(v) or abs(v) > FLOAT32_MAX:  # rewards become float32 tensors

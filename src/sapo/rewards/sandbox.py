@@ -16,8 +16,8 @@ the rlimits, the empty environment and the temporary directory only, and a warni
 
 from __future__ import annotations
 
-import itertools
 import os
+import secrets
 import selectors
 import shutil
 import subprocess
@@ -30,11 +30,60 @@ from dataclasses import dataclass
 
 from ..config import ConfigError
 
-# Programs run by root get uid FIRST_UID + (pid mod 10^5) * 10^4 + (run number mod 10^4):
-# unprivileged, below 2^31, and not shared with any run of this trainer still alive or dying
-# (a killed run's processes take a moment to go, and would count against a new run's limit).
-FIRST_UID = 1_000_000_000
+NOBODY = 65534
 MAX_CONCURRENCY = 64
+
+
+class _RunUids:
+    """Under root, each program runs as a uid of its own: unprivileged, mapped in this user
+    namespace (containers map fewer uids), below 2^31, and not shared with any run still alive
+    or dying (a killed run's processes take a moment to go and would count against a new run's
+    process limit). The upper half of the largest mapped range is walked from a random start,
+    so other trainers on the machine are unlikely to meet the same uids."""
+
+    def __init__(self) -> None:
+        first, count = max(_mapped_uid_ranges(), key=lambda r: r[1], default=(NOBODY, 1))
+        first, count = max(first, 1 << 16), min(first + count, (1 << 31) - 1) - max(first, 1 << 16)
+        self.first, self.count = (first + count // 2, count - count // 2) if count > (1 << 16) else (NOBODY, 1)
+        if self.count > 1 and not _can_become(self.first):
+            self.first, self.count = NOBODY, 1
+        self._next = secrets.randbelow(self.count)
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            self._next = (self._next + 1) % self.count
+            return self.first + self._next
+
+
+def _can_become(uid: int) -> bool:
+    try:
+        done = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", "/bin/true"],
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _mapped_uid_ranges() -> list[tuple[int, int]]:
+    """(first uid, count) of each range of /proc/self/uid_map, in this namespace's numbering."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return [(int(line.split()[0]), int(line.split()[2])) for line in f if line.strip()]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+_RUN_UIDS: _RunUids | None = None
+_RUN_UIDS_LOCK = threading.Lock()
+
+
+def _run_uid() -> int:
+    global _RUN_UIDS
+    with _RUN_UIDS_LOCK:
+        if _RUN_UIDS is None:
+            _RUN_UIDS = _RunUids()
+    return _RUN_UIDS.take()
 
 
 class SandboxUnavailable(ConfigError):
@@ -63,14 +112,13 @@ class Result:
 class Sandbox:
     def __init__(self, limits: Limits | None = None, *, allow_unsandboxed: bool = False,
                  python: str | None = None, concurrency: int = 4) -> None:
-        """`concurrency`: programs run at once at most (more callers wait their turn). Each has a
-        process budget of its own, so a program never fails for what runs beside it."""
+        """`concurrency`: programs run at once at most (more callers wait their turn). Under root
+        each has a process budget of its own, so none fails for what runs beside it."""
         if not 1 <= concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be in [1, {MAX_CONCURRENCY}], got {concurrency}")
         self.limits = limits or Limits()
         self.concurrency = concurrency
         self._turns = threading.BoundedSemaphore(concurrency)
-        self._run_numbers = itertools.count()  # thread-safe in CPython
         # The system interpreter: the trainer's may live where an unprivileged uid cannot read (e.g. under /root).
         self.python = python or next((p for p in ("/usr/bin/python3",) if os.path.exists(p)), sys.executable)
         self.isolated = self._probe()
@@ -98,7 +146,7 @@ class Sandbox:
         if os.geteuid() == 0:
             # Root is exempt from RLIMIT_NPROC, so the program runs as an unprivileged uid of its
             # own, where the limit counts its processes alone.
-            uid = FIRST_UID + (os.getpid() % 10**5) * 10**4 + next(self._run_numbers) % 10**4
+            uid = _run_uid()
             nproc, drop = lim.processes, ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
         else:
             # RLIMIT_NPROC counts every thread of our uid: the trainer's, and those of the programs
