@@ -241,7 +241,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls.from_dict({k: v for k, v in read_yaml_mapping(path).items() if k in known})
 
-    def run_differences(self, other: "TrainConfig", *, may_change: frozenset[str] = None) -> list[str]:
+    def run_differences(self, other: "TrainConfig", *, may_change: frozenset[str] | None = None) -> list[str]:
         """The settings that make `other` a different training run from this one, as
         "field: other's value -> this value", compared by their effect: paths resolved, the
         objective's unused knobs and default reward weights ignored. `may_change` (default
