@@ -69,7 +69,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.max_num_seqs < 0:
             raise ConfigError(f"--max-num-seqs must be 0 (all at once) or positive, got {args.max_num_seqs}")
         if not args.temperature > 0:
-            raise ConfigError(f"--temperature must be positive (greedy accuracy is reported as well), got {args.temperature}")
+            raise ConfigError(f"--temperature must be positive (greedy accuracy is reported as well), "
+                              f"got {args.temperature}")
         if args.max_new_tokens < 1 or (args.problems is not None and args.problems < 1):
             raise ConfigError("--max-new-tokens and --problems must be positive")
         if args.out and not Path(args.out).resolve().parent.is_dir():
@@ -197,7 +198,8 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .experiments import compare_runs
 
-    return _run_experiment(args, lambda a: compare_runs(_csv(a.loss_types, str, "--loss-types"), _csv(a.seeds, int, "--seeds")), "outputs/compare")
+    return _run_experiment(args, lambda a: compare_runs(_csv(a.loss_types, str, "--loss-types"),
+                                                        _csv(a.seeds, int, "--seeds")), "outputs/compare")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

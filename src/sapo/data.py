@@ -90,7 +90,7 @@ def prepare_prompts(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length:
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     empty = [i for i, x in enumerate(ids) if not x]
     if empty:
-        raise ConfigError(f"{name} row {empty[0]}: the prompt is no tokens at all ({len(empty)} such rows)")
+        raise ConfigError(f"{name} row {empty[0]}: the prompt tokenizes to nothing ({len(empty)} such rows)")
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
     if too_long and not filter_overlong:
         examples = ", ".join(f"row {i} ({len(ids[i])} tokens)" for i in too_long[:5])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .chunked_logprobs import token_logprobs
+from .models import forward_keeping_logits
 
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
@@ -97,14 +98,7 @@ def _record_verdict(model, head: nn.Linear, lean_BC: Tensor | None, logits: Tens
 
 
 def _forward(model, kwargs: dict, keep: int) -> Tensor:
-    try:
-        return model(**kwargs, logits_to_keep=keep).logits
-    except TypeError as error:
-        # A model class that predates logits_to_keep rejects it before computing anything; any
-        # other TypeError comes from inside the model and is not retried.
-        if "logits_to_keep" not in str(error):
-            raise
-        return model(**kwargs).logits
+    return forward_keeping_logits(model, keep, **kwargs).logits
 
 
 def lean_head(model) -> nn.Linear | None:

@@ -69,3 +69,15 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     return ref.eval()
+
+
+def forward_keeping_logits(model, keep: int, **kwargs):
+    """model(**kwargs) computing the logits of the last `keep` positions only. A model class that
+    predates `logits_to_keep` rejects it before computing anything and is called again without
+    it (all logits); any other TypeError comes from inside the model and is raised at once."""
+    try:
+        return model(**kwargs, logits_to_keep=keep)
+    except TypeError as error:
+        if "logits_to_keep" not in str(error):
+            raise
+        return model(**kwargs)

@@ -69,10 +69,9 @@ def generate(model, prompt_ids: list[list[int]], row_indices: list[int], *, grou
     finally:
         model.train(was_training)
     width = max(p[0].shape[1] for p in parts)
-    sampled = (torch.cat([F.pad(p[0], (0, width - p[0].shape[1]), value=pad_token_id) for p in parts]),
-               None if any(p[1] is None for p in parts) else
-               torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in parts]))
-    tokens_NT, logprobs_NT = sampled
+    tokens_NT = torch.cat([F.pad(p[0], (0, width - p[0].shape[1]), value=pad_token_id) for p in parts])
+    logprobs_NT = None if any(p[1] is None for p in parts) else \
+        torch.cat([F.pad(p[1], (0, width - p[1].shape[1])) for p in parts])
     N, T = tokens_NT.shape
     # Keep everything up to and including the first EOS; a row without one was truncated.
     is_eos = tokens_NT.cpu() == eos_token_id

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .models import forward_keeping_logits
+
 
 def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
     """Scores (N, V) with the tokens outside the top-p nucleus set to -inf."""
@@ -47,10 +49,8 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
     # Prefill: one pass per prompt, not per sample.
-    try:
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    except TypeError:  # a model class that predates logits_to_keep
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = forward_keeping_logits(model, 1, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 use_cache=True)
     cache = out.past_key_values
     if not _expandable(cache):
         return None

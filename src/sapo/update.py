@@ -104,13 +104,13 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
                         ref_logprobs=part.ref_logprobs, beta=config.beta, denominator=denominator,
                     )
                     accelerator.backward(out.loss)
+                tokens = float(mask.sum())
                 if off_policy is not None and (k > 0 or iteration > 0):
                     off_policy.add(logp.detach() - old, mask)
                 if k == 0 and iteration == 0 and part.old_logprobs is not None:
                     # Before any update the two differ only by numerics (sampling pass vs training forward).
                     mismatch[0] += float(((logp.detach() - old).abs() * mask).sum())
-                    mismatch[1] += float(mask.sum())
-                tokens = float(mask.sum())
+                    mismatch[1] += tokens
                 out.metrics["entropy"] = float((entropy * mask).sum() / max(tokens, 1.0))
                 losses[-1] += float(out.loss.detach())
                 stats.add(out.metrics, tokens)
