@@ -1,8 +1,10 @@
 """`accelerate launch` with 2 CPU processes (gloo) gives the update of one process on the same
 global batch."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -42,8 +44,21 @@ def test_two_processes_match_one(workdir, tmp_path, aggregation, scale):
     lines_one = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
     lines_two = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines_one) == len(lines_two) == 2
-    import json
-
     for a, b in zip(lines_one, lines_two):
         a, b = json.loads(a), json.loads(b)
         assert a["reward"] == b["reward"] and a["completions/mean_length"] == b["completions/mean_length"]
+
+
+@pytest.mark.parametrize("tied", ["tied", "untied"])
+def test_chunked_logprobs_under_fsdp2_match_the_unsharded_model(tied):
+    """The chunked output layer inside a model sharded with `fully_shard` (2 CPU processes, gloo):
+    the same log-probabilities and, after FSDP's gradient averaging, the same full gradients."""
+    worker = Path(__file__).parent / "workers" / "fsdp_logprobs.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(worker), tied], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [c["call"] for c in calls] == [0, 1]
+    assert all(c["chunked"] for c in calls)  # verified on the first call, so the second took the chunked path
+    for c in calls:
+        assert c["value_error"] < 1e-5 and c["grad_error"] < 1e-5, c
