@@ -101,6 +101,9 @@ def test_at_ratio_one_all_objectives_give_the_plain_policy_gradient():
         for tau in (0.5, 1.0, 3.0):
             _, grad = run(logp, logp, adv, mask, torch.float64, loss_type=loss_type, tau_pos=tau, tau_neg=2 * tau)
             np.testing.assert_allclose(grad.numpy(), plain, rtol=1e-12, atol=1e-15, err_msg=loss_type)
+    for loss_type in ("grpo", "gspo"):  # zero clip widths: r = 1 sits on both band edges, inside the band
+        _, grad = run(logp, logp, adv, mask, torch.float64, loss_type=loss_type, epsilon=0.0, epsilon_high=0.0)
+        np.testing.assert_allclose(grad.numpy(), plain, rtol=1e-12, atol=1e-15, err_msg=loss_type)
 
 
 def test_sapo_token_gradient_is_minus_a_sech2_r():

@@ -49,9 +49,10 @@ def soft_gate_weight(ratio: Tensor, tau: Tensor | float) -> Tensor:
 def hard_gate(ratio: Tensor, positive: Tensor, eps_low: float, eps_high: float) -> Tensor:
     """The clipped gate of GRPO/GSPO (spec "GRPO"): min(r, 1+eps_high) where A > 0,
     max(r, 1-eps_low) where A <= 0. Equal to PPO's -min(rA, clip(r)A) / -A; its gradient is
-    exactly zero outside the band."""
-    upper = torch.minimum(ratio, torch.full_like(ratio, 1.0 + eps_high))
-    lower = torch.maximum(ratio, torch.full_like(ratio, 1.0 - eps_low))
+    exactly zero outside the band. clamp, not torch.minimum against a constant: on an edge
+    (r = 1 on-policy with a zero width) minimum would give half its gradient to the constant."""
+    upper = ratio.clamp(max=1.0 + eps_high)
+    lower = ratio.clamp(min=1.0 - eps_low)
     return torch.where(positive, upper, lower)
 
 
