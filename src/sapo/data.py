@@ -99,7 +99,8 @@ def prepare_prompts(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length:
             f"tokens: {examples}{', ...' if len(too_long) > 5 else ''}. Raise max_prompt_length or set "
             "filter_overlong_prompts=true to drop them"
         )
-    keep = [i for i in range(len(rows)) if i not in set(too_long)]
+    dropped = set(too_long)
+    keep = [i for i in range(len(rows)) if i not in dropped]
     if not keep:
         raise ConfigError(f"every prompt in {name} is longer than max_prompt_length={max_prompt_length}")
     return PromptSet([rows[i] for i in keep], [ids[i] for i in keep], conversational)

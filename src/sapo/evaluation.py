@@ -18,8 +18,12 @@ from .rollout import decode, generate
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn from n (c correct) is correct."""
-    if n - c < k:
+    """Probability that at least one of k samples drawn without replacement from n (c correct)
+    is correct: the unbiased Pass@k estimator, 1 - C(n-c, k) / C(n, k) (Chen et al., 2021),
+    defined for 1 <= k <= n."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
