@@ -47,6 +47,11 @@ def test_two_processes_match_one(workdir, tmp_path, aggregation, scale):
     for a, b in zip(lines_one, lines_two):
         a, b = json.loads(a), json.loads(b)
         assert a["reward"] == b["reward"] and a["completions/mean_length"] == b["completions/mean_length"]
+        # Update metrics are the global batch's (token-weighted over processes), not rank 0's.
+        update_keys = [k for k in a if k in ("loss", "entropy", "grad_norm") or k.startswith(("sapo/", "ratio"))]
+        assert "loss" in update_keys and "entropy" in update_keys
+        for k in update_keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
 
 
 @pytest.mark.parametrize("tied", ["tied", "untied"])

@@ -34,7 +34,8 @@ def minibatch_plan(num_prompts: int, group_size: int, num_minibatches: int, *, s
 
 
 class MetricMean:
-    """Averages metrics over micro-batches (weighted by tokens); maxima and minima stay extremes."""
+    """Averages metrics over micro-batches and processes (weighted by tokens); maxima and minima
+    stay extremes."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
@@ -42,16 +43,27 @@ class MetricMean:
         self.extremes: dict[str, float] = {}
 
     def add(self, metrics: dict[str, float], weight: float) -> None:
+        if weight == 0:
+            return  # an all-padding micro-batch has nothing to report
         for k, v in metrics.items():
-            if weight == 0:
-                continue  # an all-padding micro-batch has nothing to report
-            if k.endswith("max"):
-                self.extremes[k] = max(v, self.extremes.get(k, v))
-            elif k.endswith("min"):
-                self.extremes[k] = min(v, self.extremes.get(k, v))
+            if k.endswith(("max", "min")):
+                self._extreme(k, v)
             else:
                 self.sums[k] += v * weight
                 self.weights[k] += weight
+
+    def merge(self, other: MetricMean) -> None:
+        """Adds another process's totals. Its keys may differ: a process whose every token was
+        masked out reports nothing."""
+        for k, v in other.sums.items():
+            self.sums[k] += v
+            self.weights[k] += other.weights[k]
+        for k, v in other.extremes.items():
+            self._extreme(k, v)
+
+    def _extreme(self, key: str, value: float) -> None:
+        pick = max if key.endswith("max") else min
+        self.extremes[key] = pick(value, self.extremes.get(key, value))
 
     def result(self) -> dict[str, float]:
         out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
@@ -72,7 +84,6 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
     world = accelerator.num_processes
     stats = MetricMean()
     grad_norms, losses = [], []
-    mismatch = [0.0, 0.0]  # |log pi_theta - log pi_old| summed over the first minibatch's tokens, and their count
     model.train()
     for iteration in range(config.num_iterations):
         plan = minibatch_plan(num_prompts, G, config.num_minibatches, seed=config.seed, step=step,
@@ -109,8 +120,8 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
                     off_policy.add(logp.detach() - old, mask)
                 if k == 0 and iteration == 0 and part.old_logprobs is not None:
                     # Before any update the two differ only by numerics (sampling pass vs training forward).
-                    mismatch[0] += float(((logp.detach() - old).abs() * mask).sum())
-                    mismatch[1] += tokens
+                    out.metrics["rollout/logprob_abs_diff"] = float(((logp.detach() - old).abs() * mask).sum()
+                                                                    / max(tokens, 1.0))
                 out.metrics["entropy"] = float((entropy * mask).sum() / max(tokens, 1.0))
                 losses[-1] += float(out.loss.detach())
                 stats.add(out.metrics, tokens)
@@ -118,30 +129,27 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    result = stats.result()
-    if rollout.old_logprobs is not None:  # the same on every process
-        result["rollout/logprob_abs_diff"] = mismatch[0] / max(mismatch[1], 1.0)
-    metrics = _across_processes(accelerator, result)
+    # A process's loss has the global denominator divided by the number of processes (as DDP
+    # averages gradients), so the global minibatch's loss is the plain mean over processes.
+    stats.add({"loss": sum(losses) / len(losses)}, 1.0)
+    metrics = _across_processes(accelerator, stats).result()
     if "kl/mean" in metrics:
         metrics["kl"] = metrics.pop("kl/mean")
-    metrics["loss"] = sum(losses) / len(losses)
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["learning_rate"] = scheduler.get_last_lr()[0]
     return metrics
 
 
-def _across_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
-    """Means over processes; maxima and minima stay extremes. Every process has the same keys."""
-    if accelerator.num_processes == 1 or not metrics:
-        return metrics
-    keys = sorted(metrics)
-    local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    table = accelerator.gather(local.unsqueeze(0)).cpu()  # (processes, keys)
-    out = {}
-    for j, k in enumerate(keys):
-        column = table[:, j]
-        out[k] = float(column.max() if k.endswith("max") else column.min() if k.endswith("min") else column.mean())
-    return out
+def _across_processes(accelerator, stats: MetricMean) -> MetricMean:
+    """The totals of every process in one MetricMean (token-weighted means over all of them)."""
+    if accelerator.num_processes == 1:
+        return stats
+    from accelerate.utils import gather_object
+
+    total = MetricMean()
+    for part in gather_object([stats]):
+        total.merge(part)
+    return total
 
 
 def _clip(accelerator, model, max_grad_norm: float) -> float:
