@@ -61,6 +61,11 @@ def test_a_start_that_would_mix_two_runs_is_refused(base_config):
                                          "resume_from_checkpoint": "latest", "max_steps": 4}))
     with pytest.raises(sapo.ConfigError, match="checkpoint-2 is at step 2, beyond max_steps=1"):
         sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 1, "resume_from_checkpoint": "latest"}))
+    # Rewinding to checkpoint-1 while checkpoint-2 stays: a crash would leave "latest" on the abandoned step.
+    with pytest.raises(sapo.ConfigError, match=r"checkpoint-1 is at step 1, but output_dir also holds later "
+                                               r"checkpoints of the run it would rewind \(checkpoint-2\); delete"):
+        sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 2,
+                                         "resume_from_checkpoint": base_config["output_dir"] + "/checkpoint-1"}))
     # Length, checkpointing and memory batching may change when a run is continued.
     resumed = sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 3, "save_total_limit": 1, "micro_batch_size": 2,
                                                "resume_from_checkpoint": "latest"}))

@@ -61,6 +61,12 @@ def check_start(config: TrainConfig, resume_path: Path | None) -> None:
                           f"({describe_differences(differences)}); resume with its settings, or start a new run "
                           f"from its weights with model={str(resume_path)!r}")
     step = checkpoint_step(resume_path)
+    later = [p.name for p in found if checkpoint_step(p) > step]
+    if later:  # a crash before the rewound run overwrites them would make "latest" resume the abandoned steps
+        raise ConfigError(f"resume_from_checkpoint: {resume_path.name} is at step {step}, but output_dir also "
+                          f"holds later checkpoints of the run it would rewind ({', '.join(later[:3])}"
+                          f"{', ...' if len(later) > 3 else ''}); delete them to continue from step {step}, "
+                          "or resume from the latest")
     if step > config.max_steps:
         raise ConfigError(f"resume_from_checkpoint: {resume_path.name} is at step {step}, beyond max_steps="
                           f"{config.max_steps}; raise max_steps, or use an earlier checkpoint")
@@ -112,9 +118,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, model, to
         else:
             os.replace(tmp, final)
         if save_total_limit:
-            # Newest by write time, not by step: after resuming from an older checkpoint, the
-            # abandoned run's later steps are the stale ones. The one just written always stays.
-            others = sorted((p for p in list_checkpoints(root) if p != final), key=lambda p: p.stat().st_mtime)
+            # Oldest steps first (a resume never leaves later steps behind); the one just written stays.
+            others = [p for p in list_checkpoints(root) if p != final]
             for stale in others[:max(len(others) - (save_total_limit - 1), 0)]:
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
