@@ -36,6 +36,7 @@ def test_bad_fields_are_named(overrides, message):
 
 def valid(tmp_path, **kw):
     (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text("{}")
     return TrainConfig(**{"model": str(tmp_path / "m"), "dataset": "d.jsonl", "reward_funcs": ["exact_match"], **kw})
 
 
@@ -53,6 +54,10 @@ def valid(tmp_path, **kw):
     (dict(loss_type="grpo", epsilon=2.0), r"epsilon must be below 1"),
     (dict(report_to=["mlflow"]), r"report_to='mlflow'"),
     (dict(model="/nonexistent/model"), r"model='/nonexistent/model': no such local path"),
+    (dict(model="/"), r"model='/' is not a model directory \(no config.json in it\)"),
+    (dict(output_dir=__file__), r"output_dir=.* is a file, not a directory"),
+    (dict(prompt_template="Q: {q}"), r"prompt_template='Q: {q}' is not a valid template \(KeyError: 'q'\)"),
+    (dict(prompt_template="{question} {"), r"prompt_template=.* is not a valid template \(ValueError"),
 ])
 def test_validate_names_the_field_and_fix(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -74,3 +79,14 @@ def test_optional_reporters_say_which_extra_to_install(tmp_path, reporter):
             config.validate()
     else:
         config.validate()
+
+
+def test_float16_needs_a_gpu(tmp_path):
+    import torch
+
+    config = valid(tmp_path, dtype="float16")
+    if torch.cuda.is_available():
+        config.validate()
+    else:
+        with pytest.raises(ConfigError, match=r"dtype='float16' needs a CUDA GPU"):
+            config.validate()

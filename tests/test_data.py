@@ -37,8 +37,10 @@ def test_missing_prompt_column_and_mixed_formats():
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset file '.*missing.jsonl' does not exist"):
         load_rows(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(ConfigError, match=r"neither a .jsonl/.json/.parquet file nor a built-in task"):
+    with pytest.raises(ConfigError, match=r"dataset='no_such_task' is neither a .jsonl/.json/.parquet file nor"):
         load_rows("no_such_task")
+    with pytest.raises(ConfigError, match=r"^eval_dataset='no_such_task' is neither"):  # the field that holds it
+        load_rows("no_such_task", split="test", field="eval_dataset")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ConfigError, match=r"dataset file '.*empty.jsonl' is empty"):
         load_rows(str(tmp_path / "empty.jsonl"))

@@ -85,7 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--device {args.device}: no CUDA device is available here")
         task = get_task(args.task)
         tokenizer = load_tokenizer(args.model)
-        rows = load_rows(args.task, split="test", task_kwargs=_kwargs(args.task_kwargs))[: args.problems]
+        rows = load_rows(args.task, split="test", task_kwargs=_kwargs(args.task_kwargs), field="--task")[: args.problems]
         prompts = prepare_prompts(rows, tokenizer, max_prompt_length=10**6, filter_overlong=False, name=args.task)
     except (ConfigError, ValueError, OSError) as err:
         print(f"sapo eval: error: {err}", file=sys.stderr)

@@ -323,6 +323,20 @@ class TrainConfig:
         if not Path(self.model).exists():
             raise ConfigError(f"model={self.model!r}: no such local path. sapo-rl loads models from disk; "
                               "point it at a directory saved with save_pretrained")
+        if not (Path(self.model) / "config.json").is_file():
+            raise ConfigError(f"model={self.model!r} is not a model directory (no config.json in it); point it at a "
+                              "directory saved with save_pretrained")
+        _require(not Path(self.output_dir).exists() or Path(self.output_dir).is_dir(), "output_dir", self.output_dir,
+                 "is a file, not a directory")
+        try:
+            self.prompt_template.format(question="")
+        except (KeyError, IndexError, ValueError, AttributeError) as err:
+            raise ConfigError(f"prompt_template={self.prompt_template!r} is not a valid template ({type(err).__name__}: "
+                              f"{err}): its only field is {{question}}, and literal braces are written {{{{ }}}}") from None
+        import torch
+
+        _require(self.dtype != "float16" or torch.cuda.is_available(), "dtype", self.dtype,
+                 "needs a CUDA GPU (there is no float16 autocast on the CPU); use bfloat16 or float32")
         return self
 
 

@@ -15,7 +15,8 @@ from .config import ConfigError
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def load_rows(spec: str, *, split: str = "train", task_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def load_rows(spec: str, *, split: str = "train", task_kwargs: dict[str, Any] | None = None,
+              field: str = "dataset") -> list[dict[str, Any]]:
     """Rows of a local .jsonl / .json / .parquet file, or of a built-in task (whose problems
     depend on its own `seed` option, 0 by default, not on the training seed: runs with
     different seeds are evaluated on the same held-out problems)."""
@@ -39,7 +40,7 @@ def load_rows(spec: str, *, split: str = "train", task_kwargs: dict[str, Any] | 
             return get_task(spec).load(split, **(task_kwargs or {}))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"task {spec!r}: {err} (options: {get_task(spec).options})") from None
-    raise ConfigError(f"dataset={spec!r} is neither a .jsonl/.json/.parquet file nor a built-in task "
+    raise ConfigError(f"{field}={spec!r} is neither a .jsonl/.json/.parquet file nor a built-in task "
                       f"(built-in: {available_tasks()})")
 
 

@@ -95,7 +95,8 @@ class Trainer:
     def _prompts(self, spec: str, split: str) -> PromptSet:
         cfg = self.config
         if cfg.dataset_format == "trl":
-            rows = load_rows(spec, split=split, task_kwargs=cfg.task_kwargs)
+            rows = load_rows(spec, split=split, task_kwargs=cfg.task_kwargs,
+                             field="dataset" if split == "train" else "eval_dataset")
         else:
             rows = {"gsm8k": gsm8k_rows, "math": math_rows}[cfg.dataset_format](spec, cfg.prompt_template)
         prompts = prepare_prompts(rows, self.tokenizer, max_prompt_length=self.config.max_prompt_length,
