@@ -190,7 +190,7 @@ class TrainConfig:
     """Responses per step written to completions.jsonl."""
     dtype: str = "auto"
     """Compute dtype of forward passes (autocast): "auto" (bfloat16 on GPUs that support it, else
-    float32), "float32", "bfloat16", "float16". Weights and optimizer state stay float32, and the
+    float32), "float32", "bfloat16", "float16" (CUDA only). Weights and optimizer state stay float32, and the
     objective is always computed in float32."""
 
     # ---------------------------------------------------------------- loading
