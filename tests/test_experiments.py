@@ -9,6 +9,7 @@ import torch
 import yaml
 
 import sapo
+import sapo.experiments
 
 from sapo.experiments import compare_runs, parse_grid, run_all, sweep_runs
 from sapo.plots import gate_curves
@@ -74,9 +75,62 @@ def test_sweep_grid_and_the_report_command(tiny_base, tmp_path):
     assert yaml.safe_load((dirs[1] / "config.yaml").read_text())["tau_neg"] == 0.95
     first = build_report(dirs, tmp_path)
     table = (tmp_path / "report.json").read_text()
+    (tmp_path / "report.json").unlink()
     result = subprocess.run([sys.executable, "-m", "sapo", "report", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "report.json").read_text() == table and first.is_file()
+
+
+def fake_run(directory, seed, evals, *, wall=10.0, steps=40, **config):
+    """A finished run's files: Pass@1 evaluations {step: value}."""
+    directory.mkdir(parents=True)
+    config = {"loss_type": "sapo", "learning_rate": 1e-4, "seed": seed, "max_steps": steps, "output_dir": str(directory),
+              **config}
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"step": s, "eval/pass@1": v, "loss": 0.1, "grad_norm": 1.0} for s, v in sorted(evals.items())]
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "summary.json").write_text(json.dumps({"steps": steps, "wall_seconds": wall}))
+    return directory
+
+
+def test_report_statistics_over_seeds_and_the_runs_it_leaves_out(tmp_path):
+    a = fake_run(tmp_path / "a", 0, {0: 0.2, 20: 0.5, 40: 0.48}, wall=10.0)
+    # Same experiment, another seed; its checkpointing differs, which a continued run may change.
+    b = fake_run(tmp_path / "b", 1, {0: 0.2, 20: 0.3, 40: 0.6}, wall=20.0, save_steps=7)
+    twin = fake_run(tmp_path / "twin", 1, {0: 0.2, 20: 0.9, 40: 0.9})  # seed 1 again: one experiment run twice
+    unfinished = fake_run(tmp_path / "unfinished", 2, {0: 0.2}, steps=40)
+    (unfinished / "summary.json").write_text(json.dumps({"steps": 20, "wall_seconds": 5.0}))
+    no_metrics = fake_run(tmp_path / "no_metrics", 3, {0: 0.2})
+    (no_metrics / "metrics.jsonl").unlink()
+    said = []
+    build_report([a, b, a, tmp_path / "b" / ".." / "b", twin, unfinished, no_metrics], tmp_path / "out",
+                 threshold=0.45, log=said.append)
+    table = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(table) == ["sapo"]
+    row = table["sapo"]
+    assert row["seeds"] == [0, 1]
+    assert row["final_pass@1_mean"] == pytest.approx(0.54) and row["final_pass@1_std"] == pytest.approx(0.06 * 2 ** 0.5)
+    assert row["best_pass@1_mean"] == pytest.approx(0.55)  # after the start: 0.5 and 0.6
+    assert row["steps_to_threshold_mean"] == 30 and row["runs_reaching_threshold"] == 2  # first hits: 20 (not 40) and 40
+    assert row["start_pass@1_mean"] == pytest.approx(0.2) and row["wall_seconds_mean"] == 15.0
+    assert len(said) == 3
+    assert any(m.endswith(f"twin: arm 'sapo' seed 1 is already {b}") for m in said), said
+    assert any("unfinished: unfinished (summary.json is for 20 steps, max_steps is 40)" in m for m in said)
+    assert any(m.endswith("no_metrics: no metrics.jsonl") for m in said)
+    assert "sample standard deviation (n - 1)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_experiment_settings_that_the_commands_own_are_refused(tiny_base, tmp_path):
+    with pytest.raises(sapo.ConfigError, match=r"--grid 'tau_neg=1,1.0' lists 1.0 twice"):
+        parse_grid(["tau_neg=1,1.0"])
+    with pytest.raises(sapo.ConfigError, match=r"--grid seed: the command sets seed for each run itself"):
+        parse_grid(["seed=1,2"])
+    with pytest.raises(sapo.ConfigError, match=r"arms 'a/b' and 'a_b' \(seed 0\) would share the directory"):
+        run_all(tiny_base, [sapo.experiments.Run("a/b", 0, {}), sapo.experiments.Run("a_b", 0, {})], tmp_path)
+    for override, option in (("seed=5", "--seeds"), (f"output_dir={tmp_path}", "--out")):
+        result = subprocess.run([sys.executable, "-m", "sapo", "compare", "--loss-types", "sapo", "--seeds", "0",
+                                 override, "--out", str(tmp_path / "c")], capture_output=True, text=True)
+        assert result.returncode == 2 and f"is set by {option}" in result.stderr, result.stderr
 
 
 def test_collapse_definition():

@@ -155,18 +155,28 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config(items: list[str]):
+def _load_config(items: list[str], *, fixed_by: dict[str, str] | None = None):
     """An optional leading CONFIG.yaml, then key=value overrides. When neither names a `model`
-    or a `dataset`, they apply on top of the built-in demo setting (sapo.demo)."""
-    from .config import TrainConfig, read_yaml_mapping
+    or a `dataset`, they apply on top of the built-in demo setting (sapo.demo). `fixed_by` maps
+    fields the command sets itself to the option that sets them: naming one is an error."""
+    from .config import ConfigError, TrainConfig, read_yaml_mapping
     from .demo import demo_settings
 
     items = list(items)
     path = items.pop(0) if items and "=" not in items[0] else None
     loaded = read_yaml_mapping(path) if path is not None else {}
     named = {i.split("=", 1)[0] for i in items} | set(loaded)
+    clash = sorted(named & set(fixed_by or {}))
+    if clash:
+        raise ConfigError(f"{clash[0]} is set by {fixed_by[clash[0]]} for each run; remove it from the config and "
+                          "overrides")
     base = {} if named & {"model", "dataset"} else demo_settings()
     return TrainConfig.from_sources(None, items, base={**base, **loaded})
+
+
+# What compare/sweep set for each run themselves.
+RUN_FIELDS = {"seed": "--seeds", "output_dir": "--out (a directory per arm and seed)",
+              "resume_from_checkpoint": "the command (a rerun continues each run from its latest checkpoint)"}
 
 
 def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int:
@@ -178,7 +188,7 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
     from .rewards import RewardError
 
     try:
-        base = _load_config(args.args).to_dict()
+        base = _load_config(args.args, fixed_by=RUN_FIELDS).to_dict()
         runs = runs_for(args)
         overridden = sorted({k for run in runs for k in run.overrides} & {i.split("=", 1)[0] for i in args.args})
         if overridden:
@@ -187,7 +197,8 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
         dirs = run_all(base, runs, args.out or default_out)
         report = build_report(dirs, args.out or default_out, threshold=args.threshold,
                               title=f"sapo {args.command}", command="sapo " + shlex.join(sys.argv[1:] if args.argv is None
-                                                                                       else args.argv))
+                                                                                       else args.argv),
+                              log=lambda message: print(f"sapo {args.command}: {message}", file=sys.stderr))
     except (ConfigError, RewardError) as err:
         print(f"sapo {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -217,7 +228,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for root in map(Path, args.run_dirs):  # a run, or a compare/sweep directory holding runs
         dirs += [p.parent for p in sorted(root.rglob("summary.json"))] if not (root / "summary.json").is_file() else [root]
     try:
-        report = build_report(dirs, args.out or args.run_dirs[0], threshold=args.threshold)
+        report = build_report(dirs, args.out or args.run_dirs[0], threshold=args.threshold,
+                              log=lambda message: print(f"sapo report: {message}", file=sys.stderr))
     except ValueError as err:
         print(f"sapo report: error: {err}", file=sys.stderr)
         return 2

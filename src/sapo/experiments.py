@@ -53,7 +53,14 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--grid {item!r} is not key=v1,v2,... (e.g. tau_neg=0.95,1.0,1.05)")
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid {key}=v1,v2,...")
-        grid[key] = [_scalar(yaml.safe_load(v)) for v in values.split(",")]
+        if key in ("seed", "output_dir", "resume_from_checkpoint"):
+            raise ConfigError(f"--grid {key}: the command sets {key} for each run itself"
+                              f"{' (give the seeds with --seeds)' if key == 'seed' else ''}")
+        parsed = [_scalar(yaml.safe_load(v)) for v in values.split(",")]
+        repeated = [v for i, v in enumerate(parsed) if v in parsed[:i]]  # 1 and 1.0 are one value
+        if repeated:
+            raise ConfigError(f"--grid {item!r} lists {repeated[0]!r} twice; each value is one arm")
+        grid[key] = parsed
     return grid
 
 
@@ -73,9 +80,13 @@ def run_all(base: dict[str, Any], runs: list[Run], out_dir: str | Path, *, log=p
     """Train every run not finished yet; return all run directories."""
     root = Path(out_dir)
     # Check every arm's config, and what its directory already holds, before the first (long) run.
-    configs = []
+    configs, owners = [], {}
     for run in runs:
         directory = run.directory(root)
+        if directory in owners:
+            raise ConfigError(f"arms {owners[directory].arm!r} and {run.arm!r} (seed {run.seed}) would share the "
+                              f"directory {directory}; name the arms apart")
+        owners[directory] = run
         values = {**base, **run.overrides, "seed": run.seed, "output_dir": str(directory),
                   "resume_from_checkpoint": "latest"}
         config = TrainConfig.from_dict(values).validate()

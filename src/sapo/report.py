@@ -4,7 +4,6 @@ runs' own files (config.yaml, metrics.jsonl, summary.json, logratios.jsonl)."""
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,9 @@ from typing import Any
 
 import yaml
 
+from .config import CONTINUABLE
 from .diagnostics import LOG10_VAR_BINS, LOG10_VAR_RANGE, LOG_RATIO_BINS, LOG_RATIO_RANGE, VAR_THRESHOLD
+from .experiments import EVALUATION
 from .summary import read_metrics
 
 CURVES = [  # (metric, panel title)
@@ -26,6 +27,13 @@ CURVES = [  # (metric, panel title)
     ("sapo/gate_weight_mean", "SAPO mean gate weight"),
 ]
 VOLATILE = ("output_dir", "seed", "resume_from_checkpoint")
+
+
+def _grouping_key(config: dict[str, Any]) -> str:
+    """What makes two runs the same experiment: every field but the seed and those a continued
+    run may change (checkpointing, logging, memory knobs), except evaluation and length."""
+    ignored = set(VOLATILE) | (CONTINUABLE - EVALUATION - {"max_steps"})
+    return yaml.safe_dump({k: v for k, v in config.items() if k not in ignored}, sort_keys=True)
 
 
 @dataclass
@@ -43,16 +51,30 @@ class RunData:
         return {r["step"]: r[key] for r in self.rows if isinstance(r.get(key), (int, float))}
 
 
-def load_run(directory: str | Path) -> RunData | None:
-    """A finished run (summary.json present), or None."""
+class SkippedRun(Exception):
+    """A directory that does not hold a finished run; the message says why."""
+
+
+def load_run(directory: str | Path) -> RunData:
+    """A finished run: summary.json for its config's max_steps, config.yaml and metrics.jsonl.
+    Raises SkippedRun naming what is missing or unfinished."""
     d = Path(directory)
-    if not (d / "summary.json").is_file():
-        return None
-    config = yaml.safe_load((d / "config.yaml").read_text())
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+        config = yaml.safe_load((d / "config.yaml").read_text())
+        rows = read_metrics(d / "metrics.jsonl")
+    except FileNotFoundError as err:
+        raise SkippedRun(f"{d}: no {Path(err.filename).name}") from None
+    except (ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError is a ValueError
+        raise SkippedRun(f"{d}: unreadable summary.json or config.yaml ({err})") from None
+    if not isinstance(summary, dict) or not isinstance(config, dict) or "max_steps" not in config:
+        raise SkippedRun(f"{d}: summary.json or config.yaml is not a run's")
+    if summary.get("steps") != config["max_steps"]:
+        raise SkippedRun(f"{d}: unfinished (summary.json is for {summary.get('steps')} steps, max_steps is "
+                         f"{config['max_steps']})")
     arm_file = d / "arm.json"
     arm = json.loads(arm_file.read_text()) if arm_file.is_file() else {"arm": config["loss_type"], "seed": config["seed"]}
-    run = RunData(d, arm["arm"], int(arm["seed"]), config, read_metrics(d / "metrics.jsonl"),
-                  json.loads((d / "summary.json").read_text()))
+    run = RunData(d, arm["arm"], int(arm["seed"]), config, rows, summary)
     if (d / "logratios.jsonl").is_file():
         lines = read_metrics(d / "logratios.jsonl")
         run.log_ratio_hist = [sum(x) for x in zip(*(line["log_ratio_hist"] for line in lines))] if lines else []
@@ -66,7 +88,7 @@ def group_arms(runs: list[RunData]) -> dict[str, list[RunData]]:
     groups: dict[str, list[RunData]] = {}
     labels: dict[str, str] = {}
     for run in runs:
-        key = yaml.safe_dump({k: v for k, v in run.config.items() if k not in VOLATILE}, sort_keys=True)
+        key = _grouping_key(run.config)
         if key not in labels:
             taken = sum(1 for label in labels.values() if label.split(" #")[0] == run.arm)
             labels[key] = run.arm if taken == 0 else f"{run.arm} #{taken + 1}"
@@ -99,7 +121,8 @@ def arm_table(runs: list[RunData], threshold: float) -> dict[str, Any]:
             hit = [s for s, v in sorted(evals.items()) if v >= threshold]
             if hit:
                 reached.append(hit[0])
-        walls.append(run.summary.get("wall_seconds", math.nan))
+        if isinstance(run.summary.get("wall_seconds"), (int, float)):
+            walls.append(run.summary["wall_seconds"])
     final_mean, final_std = _mean_std(finals)
     best_mean, best_std = _mean_std(bests)
     return {
@@ -113,15 +136,32 @@ def arm_table(runs: list[RunData], threshold: float) -> dict[str, Any]:
 
 
 def build_report(run_dirs: list[str | Path], out_dir: str | Path, *, threshold: float = 0.4,
-                 title: str = "sapo-rl comparison", command: str | None = None) -> Path:
+                 title: str = "sapo-rl comparison", command: str | None = None, log=print) -> Path:
+    """report.md, report.json and figures in out_dir from the finished runs among run_dirs; `log`
+    is told of every directory left out and why."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [r for r in (load_run(d) for d in run_dirs) if r is not None]
+    runs = []
+    for directory in dict.fromkeys(Path(d).resolve() for d in run_dirs):  # each run once
+        try:
+            runs.append(load_run(directory))
+        except SkippedRun as why:
+            log(f"left out {why}")
     if not runs:
-        raise ValueError("no finished run (with summary.json) among the given directories")
+        raise ValueError("no finished run (summary.json for its max_steps, config.yaml, metrics.jsonl) among the "
+                         "given directories")
     arms = group_arms(runs)
+    for arm, members in arms.items():
+        # Two directories with one configuration and seed are one experiment run twice: count it once.
+        kept: dict[int, RunData] = {}
+        for run in members:
+            if run.seed in kept:
+                log(f"left out {run.directory}: arm {arm!r} seed {run.seed} is already {kept[run.seed].directory}")
+            else:
+                kept[run.seed] = run
+        arms[arm] = list(kept.values())
     table = {arm: arm_table(rs, threshold) for arm, rs in arms.items()}
-    (out_dir / "report.json").write_text(json.dumps(table, indent=2) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(table, indent=2, allow_nan=False) + "\n")
     curves = plot_curves(arms, out_dir / "curves.png")
     ratios = plot_log_ratios(arms, out_dir / "logratios.png")
     (out_dir / "report.md").write_text(_markdown(title, command, arms, table, curves, ratios, threshold))
@@ -154,9 +194,9 @@ def _markdown(title, command, arms, table, curves, ratios, threshold) -> str:
                      f"{_fmt_seeds(row['best_pass@1_mean'], row['best_pass@1_std'], len(row['seeds']))} | {steps} "
                      f"({row['runs_reaching_threshold']}/{len(row['seeds'])}) | {row['collapsed_runs']} | "
                      f"{'-' if row['wall_seconds_mean'] is None else format(row['wall_seconds_mean'], '.0f')} |")
-    lines += ["", "Mean ± standard deviation over seeds. A run *collapsed* if a loss or gradient norm was "
-              "non-finite, or its final held-out Pass@1 fell below half of its best (the starting evaluation "
-              "included).", "",
+    lines += ["", "Mean ± sample standard deviation (n - 1) over seeds. Best Pass@1 is the best evaluation after "
+              "the start. A run *collapsed* if a loss or gradient norm was non-finite, or its final held-out Pass@1 "
+              "fell below half of its best (the starting evaluation included).", "",
               f"![curves]({curves.name})", "",
               "Curves: mean over seeds, band from the lowest to the highest seed.", "",
               f"![off-policy log-ratios]({ratios.name})", "",
@@ -231,7 +271,11 @@ def plot_log_ratios(arms: dict[str, list[RunData]], out: Path) -> Path:
     right.set(title="within-sequence variance of l", xlabel="log10 var(l)", ylabel="fraction of sequences")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        if not ax.patches:  # no histogram: runs without an off-policy minibatch
+            ax.text(0.5, 0.5, "no off-policy minibatch\n(num_minibatches = num_iterations = 1)", ha="center",
+                    va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
