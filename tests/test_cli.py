@@ -126,6 +126,16 @@ def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
     result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(tmp_path / "nope")], capture_output=True, text=True)
     assert result.returncode == 2 and "no such local model directory" in result.stderr
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-10").mkdir()
+    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(run)], capture_output=True, text=True)
+    assert result.returncode == 2 and f"not a model directory (no config.json); it looks like a training run: " \
+        f"evaluate one of its checkpoints, e.g. {run / 'checkpoint-10'}" in result.stderr, result.stderr
+    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--task", "mine.jsonl"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--task 'mine.jsonl' is not a built-in task" in result.stderr
+    assert "eval_dataset=<file>" in result.stderr
 
 
 def test_eval_results_do_not_depend_on_max_num_seqs(tmp_path):

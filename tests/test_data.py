@@ -41,6 +41,8 @@ def test_file_errors(tmp_path):
         load_rows("no_such_task")
     with pytest.raises(ConfigError, match=r"^eval_dataset='no_such_task' is neither"):  # the field that holds it
         load_rows("no_such_task", split="test", field="eval_dataset")
+    with pytest.raises(ConfigError, match=r"^eval_dataset file '.*missing.jsonl' does not exist"):
+        load_rows(str(tmp_path / "missing.jsonl"), split="test", field="eval_dataset")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ConfigError, match=r"dataset file '.*empty.jsonl' is empty"):
         load_rows(str(tmp_path / "empty.jsonl"))

@@ -77,20 +77,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out {args.out}: the directory {Path(args.out).resolve().parent} does not exist")
         if not Path(args.model).is_dir():
             raise ConfigError(f"{args.model}: no such local model directory (sapo eval loads models from disk)")
+        if not (Path(args.model) / "config.json").is_file():
+            checkpoints = sorted(Path(args.model).glob("checkpoint-*"), key=lambda p: (len(p.name), p.name))
+            hint = (f"; it looks like a training run: evaluate one of its checkpoints, e.g. {checkpoints[-1]}"
+                    if checkpoints else "")
+            raise ConfigError(f"{args.model} is not a model directory (no config.json){hint}")
         try:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError:
             raise ConfigError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: no CUDA device is available here")
+        from .tasks import available_tasks
+
+        if args.task not in available_tasks():
+            raise ConfigError(f"--task {args.task!r} is not a built-in task ({available_tasks()}); sapo eval "
+                              "evaluates those. For your own data, train with eval_dataset=<file>")
         task = get_task(args.task)
         tokenizer = load_tokenizer(args.model)
         rows = load_rows(args.task, split="test", task_kwargs=_kwargs(args.task_kwargs), field="--task")[: args.problems]
         prompts = prepare_prompts(rows, tokenizer, max_prompt_length=10**6, filter_overlong=False, name=args.task)
+        model = load_model(args.model).to(device).eval()
     except (ConfigError, ValueError, OSError) as err:
         print(f"sapo eval: error: {err}", file=sys.stderr)
         return 2
-    model = load_model(args.model).to(device).eval()
     with Progress(disable=not sys.stderr.isatty()) as bar:
         job = bar.add_task(f"eval {args.task}", total=len(prompts))
         totals = evaluation.evaluate(model, tokenizer, prompts, [load_reward_function(task.reward)], [1.0],

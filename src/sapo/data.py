@@ -25,15 +25,15 @@ def load_rows(spec: str, *, split: str = "train", task_kwargs: dict[str, Any] | 
     path = Path(spec)
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
-            raise ConfigError(f"dataset file {spec!r} does not exist")
+            raise ConfigError(f"{field} file {spec!r} does not exist")
         if path.stat().st_size == 0:
-            raise ConfigError(f"dataset file {spec!r} is empty")
+            raise ConfigError(f"{field} file {spec!r} is empty")
         import datasets
 
         try:
             table = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as err:
-            raise ConfigError(f"could not read dataset {spec!r}: {type(err).__name__}: {err}") from err
+            raise ConfigError(f"could not read {field} {spec!r}: {type(err).__name__}: {err}") from err
         return table.to_list()
     if spec in available_tasks():
         try:
