@@ -90,3 +90,46 @@ def test_float16_needs_a_gpu(tmp_path):
     else:
         with pytest.raises(ConfigError, match=r"dtype='float16' needs a CUDA GPU"):
             config.validate()
+
+
+def test_values_written_as_trl_takes_them(tmp_path):
+    config = valid(tmp_path, scale_rewards=False, resume_from_checkpoint=True, report_to="none", learning_rate="1e-5",
+                   reward_funcs="rewards.py:correct")
+    assert (config.scale_rewards, config.resume_from_checkpoint, config.report_to) == ("none", "latest", ["jsonl"])
+    assert config.learning_rate == 1e-5 and config.reward_funcs == ["rewards.py:correct"]
+    assert TrainConfig.from_dict({"scale_rewards": True}).scale_rewards == "group"
+    with pytest.raises(ConfigError, match=r"learning_rate must be a number, got 'fast'"):
+        valid(tmp_path, learning_rate="fast")
+
+
+def test_reward_functions_given_as_python_functions_are_registered_by_name(tmp_path):
+    from sapo.rewards import load_reward_function
+
+    def shortness_for_config_test(prompts, completions, **kwargs):
+        return [1.0 / (1 + len(c)) for c in completions]
+
+    config = valid(tmp_path, reward_funcs=[shortness_for_config_test, "exact_match"])
+    assert config.reward_funcs == ["shortness_for_config_test", "exact_match"]
+    assert "shortness_for_config_test" in config.to_yaml()
+    assert load_reward_function("shortness_for_config_test").fn is shortness_for_config_test
+    with pytest.raises(ConfigError, match=r"has no name to save in config.yaml"):
+        valid(tmp_path, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)])
+
+    def exact_match(prompts, completions, **kwargs):  # the name of a built-in
+        return [0.0] * len(completions)
+
+    with pytest.raises(ConfigError, match=r"the name 'exact_match' .* is taken by another reward function"):
+        valid(tmp_path, reward_funcs=exact_match)
+
+
+def test_trl_names_point_to_ours():
+    with pytest.raises(ConfigError, match=r"'steps_per_generation' \(TRL's; here: num_minibatches = "):
+        TrainConfig.from_dict({"steps_per_generation": 4})
+    with pytest.raises(ConfigError, match=r"'sapo_temperature_neg' \(TRL's; here: tau_neg\)"):
+        TrainConfig.from_dict({"sapo_temperature_neg": 1.05})
+
+
+def test_trl_loss_types_that_are_aggregations_here(tmp_path):
+    with pytest.raises(ConfigError, match=r"loss_type='dr_grpo' is TRL's name for an aggregation; here it is "
+                                          r"loss_type=grpo aggregation=seq-mean-token-sum-norm scale_rewards=none"):
+        valid(tmp_path, loss_type="dr_grpo").validate()

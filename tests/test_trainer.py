@@ -178,3 +178,36 @@ def test_dropout_is_off_so_train_mode_matches_the_behaviour_pass(base_config, tm
     trainer.model.eval()
     eval_mode, _ = completion_logprobs(trainer.model, ids[:, :3], ones[:, :3], ids[:, 3:], ones[:, 3:], 1.0)
     assert torch.equal(train_mode, eval_mode)
+
+
+def test_reward_functions_get_what_trl_passes_them(base_config, workdir, tmp_path):
+    """trainer_state, log_metric and log_extra; async functions and numpy results work too."""
+    (tmp_path / "trl_rewards.py").write_text('''
+import numpy as np
+
+SEEN = []
+
+
+async def shaped(prompts, completions, trainer_state, log_metric, log_extra, **kwargs):
+    SEEN.append((trainer_state.global_step, trainer_state.max_steps, len(completions)))
+    lengths = [len(c) for c in completions]
+    log_metric("mean_chars", sum(lengths) / len(lengths))
+    log_extra("chars", lengths)
+    return np.array([float(ord(c[0]) % 2) if c else 0.0 for c in completions])
+''')
+    config = sapo.TrainConfig(**{**base_config, "reward_funcs": [f"{tmp_path / 'trl_rewards.py'}:shaped"],
+                                 "eval_dataset": str(workdir / "data.jsonl"), "eval_steps": 1,
+                                 "eval_num_generations": 3, "log_completions": 8})  # no eval call of 8
+    trainer = sapo.Trainer(config)
+    trainer.train()
+    seen = trainer.rewards[0].fn.__globals__["SEEN"]
+    batch = base_config["prompts_per_step"] * base_config["num_generations"]
+    assert [s for s in seen if s[2] == batch] == [(0, 2, batch), (1, 2, batch)]  # training: before each step
+    assert {s[0] for s in seen if s[2] != batch} == {0, 1, 2}  # evaluations at the start and after each step
+    lines = [json.loads(x) for x in (Path(base_config["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    completions = [json.loads(x) for x in (Path(base_config["output_dir"]) / "completions.jsonl").read_text().splitlines()]
+    for step in (1, 2):
+        rows = [c for c in completions if c["step"] == step]
+        assert len(rows) == 8 and all(c["chars"] == len(c["completion"]) for c in rows)
+        logged = next(x for x in lines if x["step"] == step)
+        assert logged["mean_chars"] == pytest.approx(sum(c["chars"] for c in rows) / len(rows))

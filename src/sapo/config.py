@@ -193,6 +193,14 @@ class TrainConfig:
     float32), "float32", "bfloat16", "float16" (CUDA only). Weights and optimizer state stay float32, and the
     objective is always computed in float32."""
 
+    def __post_init__(self) -> None:
+        # TRL's spellings of some values first; then every field is checked against its type, so
+        # the Python API gets the same checks as YAML files and the command line.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _from_trl(f.name, getattr(self, f.name))
+            object.__setattr__(self, f.name, _coerce(f.name, value, hints[f.name]))
+
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_sources(cls, path: str | Path | None = None, overrides: list[str] | None = None,
@@ -220,10 +228,12 @@ class TrainConfig:
             hints = []
             for key in unknown:
                 close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-                hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+                if key in TRL_FIELDS:
+                    hints.append(f"{key!r} (TRL's; here: {TRL_FIELDS[key]})")
+                else:
+                    hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
             raise ConfigError(f"unknown config field(s): {', '.join(hints)}. `sapo train --help-config` lists them all.")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,6 +307,9 @@ class TrainConfig:
         _require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32) (numpy's seed range)")
         _require(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit",
                  self.save_total_limit, "must be None or >= 1")
+        if self.loss_type in TRL_LOSS_TYPES:
+            raise ConfigError(f"loss_type={self.loss_type!r} is TRL's name for an aggregation; here it is "
+                              f"{TRL_LOSS_TYPES[self.loss_type]}")
         _choice("loss_type", self.loss_type, available_policy_losses())
         _choice("aggregation", self.aggregation, available_aggregations())
         _choice("scale_rewards", self.scale_rewards, SCALES)
@@ -351,6 +364,61 @@ def _choice(name: str, value: Any, choices: Any) -> None:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{name}={value!r} is not one of {choices}.{hint}")
+
+
+# TRL GRPOConfig fields that are not ours, and what stands for them here (docs/training.md).
+TRL_FIELDS = {
+    "steps_per_generation": "num_minibatches = steps_per_generation / gradient_accumulation_steps, the optimizer "
+                            "steps per rollout batch",
+    "generation_batch_size": "prompts_per_step = generation_batch_size / num_generations",
+    "per_device_train_batch_size": "micro_batch_size (responses per forward pass); a minibatch is "
+                                   "prompts_per_step * num_generations / num_minibatches responses",
+    "gradient_accumulation_steps": "none: each minibatch is one optimizer step, split in micro_batch_size pieces",
+    "num_train_epochs": "max_steps (rollout steps)",
+    "lr_scheduler_type": "lr_scheduler",
+    "importance_sampling_level": "loss_type=gspo for the sequence level",
+    "sapo_temperature_pos": "tau_pos",
+    "sapo_temperature_neg": "tau_neg",
+}
+# TRL loss_type values that are an aggregation (and reward scaling) here.
+TRL_LOSS_TYPES = {
+    "dapo": "loss_type=grpo aggregation=token-mean",
+    "bnpo": "loss_type=grpo aggregation=token-mean",
+    "dr_grpo": "loss_type=grpo aggregation=seq-mean-token-sum-norm scale_rewards=none",
+}
+
+
+def _from_trl(name: str, value: Any) -> Any:
+    """Values written as TRL takes them: scale_rewards true/false, resume_from_checkpoint true,
+    report_to "none", and reward functions given as Python functions (registered by name)."""
+    if name == "scale_rewards" and isinstance(value, bool):
+        return "group" if value else "none"
+    if name == "resume_from_checkpoint" and isinstance(value, bool):
+        return "latest" if value else None
+    if name == "report_to" and value in ("none", ["none"]):
+        return ["jsonl"]
+    if name == "reward_funcs":
+        funcs = value if isinstance(value, (list, tuple)) else [value]
+        if any(callable(f) for f in funcs):
+            return [_reward_name(f) if callable(f) else f for f in funcs]
+    return value
+
+
+def _reward_name(fn: Any) -> str:
+    """A reward function given as a Python object goes into the reward registry under its name,
+    which is what config.yaml keeps (a resumed run passes the function again)."""
+    from .rewards import REWARDS, available_rewards
+
+    name = getattr(fn, "__name__", None)
+    if not name or name == "<lambda>":
+        raise ConfigError(f"reward_funcs: {fn!r} has no name to save in config.yaml; define it with def, or register "
+                          "it with @sapo.rewards.register_reward('name') and give that name")
+    available_rewards()  # the built-in names are taken first
+    if name in REWARDS and REWARDS.get(name) is not fn:
+        raise ConfigError(f"reward_funcs: the name {name!r} of {fn!r} is taken by another reward function; register "
+                          "yours under another name with @sapo.rewards.register_reward('other_name')")
+    REWARDS.add(name, fn)
+    return name
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

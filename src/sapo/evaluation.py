@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers import TrainerState
 
 from . import rewards as reward_lib
 from .data import PromptSet, derive_seed
@@ -60,15 +61,18 @@ class EvalTotals:
 def evaluate(model, tokenizer, prompts: PromptSet, rewards: list[reward_lib.NamedReward], weights: list[float], *,
              samples: int, temperature: float, top_p: float, max_new_tokens: int, seed: int, device: torch.device,
              indices: list[int] | None = None, batch_prompts: int = 16, greedy: bool = True, max_sequences: int = 0,
-             on_batch=None) -> EvalTotals:
+             on_batch=None, trainer_state=None) -> EvalTotals:
     """Sample `samples` completions per prompt (seeded per problem, so every evaluation of a run
-    sees the same random draws) and, if `greedy`, one greedy completion."""
+    sees the same random draws) and, if `greedy`, one greedy completion. `trainer_state` is what
+    reward functions get as such (default: an empty transformers TrainerState)."""
+    trainer_state = TrainerState() if trainer_state is None else trainer_state
     indices = list(range(len(prompts))) if indices is None else indices
     totals = EvalTotals(k=samples)
     for start in range(0, len(indices), batch_prompts):
         rows = indices[start:start + batch_prompts]
         sampled = _rewards(model, tokenizer, prompts, rows, rewards, weights, samples, temperature, top_p,
-                           max_new_tokens, [derive_seed(seed, "eval", r) for r in rows], device, max_sequences)
+                           max_new_tokens, [derive_seed(seed, "eval", r) for r in rows], device, max_sequences,
+                           trainer_state)
         for i in range(len(rows)):
             group = sampled[i * samples:(i + 1) * samples]
             correct = sum(1 for r in group if r >= 1.0)
@@ -80,7 +84,7 @@ def evaluate(model, tokenizer, prompts: PromptSet, rewards: list[reward_lib.Name
             totals.per_problem.append(correct / samples)
         if greedy:
             best = _rewards(model, tokenizer, prompts, rows, rewards, weights, 1, 0.0, 1.0, max_new_tokens,
-                            [0] * len(rows), device, max_sequences)
+                            [0] * len(rows), device, max_sequences, trainer_state)
             totals.greedy_correct += sum(1 for r in best if r >= 1.0)
         if on_batch is not None:
             on_batch(len(rows))
@@ -88,12 +92,13 @@ def evaluate(model, tokenizer, prompts: PromptSet, rewards: list[reward_lib.Name
 
 
 def _rewards(model, tokenizer, prompts, rows, rewards, weights, group_size, temperature, top_p, max_new_tokens,
-             seeds, device, max_sequences) -> list[float]:
+             seeds, device, max_sequences, trainer_state) -> list[float]:
     rollout = generate(model, [prompts.prompt_ids[r] for r in rows], rows, group_size=group_size,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seeds=seeds,
                        device=device, max_sequences=max_sequences)
     completions, ids = decode(tokenizer, rollout, prompts.conversational)
     scores = reward_lib.score(rewards, weights, [prompts.rows[r]["prompt"] for r in rollout.row_indices], completions,
-                              ids, prompts.columns(rollout.row_indices), skip_errors=True)
+                              ids, prompts.columns(rollout.row_indices), skip_errors=True,
+                              context=reward_lib.RewardContext(trainer_state))
     return scores.total.tolist()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from accelerate.utils import set_seed
-from transformers import get_scheduler
+from accelerate.utils import DistributedType, gather_object, set_seed
+from transformers import TrainerState, get_scheduler
 
 from . import evaluation
 from . import rewards as reward_lib
@@ -38,6 +37,7 @@ class StepRewards:
     errors: int
     completions: list
     extra: dict
+    logged_columns: dict = field(default_factory=dict)  # log_extra columns, one value per sample
 
 
 class Trainer:
@@ -127,7 +127,7 @@ class Trainer:
                 t1 = time.perf_counter()
 
                 # 2. Reward.
-                scored = self._score(self.train_set, rollout)
+                scored = self._score(self.train_set, rollout, step)
                 # 3. Advantage, group by group (a process holds whole groups).
                 advantages = self._advantages(scored.total).to(self.acc.device)
                 t2 = time.perf_counter()
@@ -146,7 +146,7 @@ class Trainer:
                 # 6. Evaluate.
                 done = step + 1
                 if self.eval_set is not None and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == cfg.max_steps):
-                    metrics.update(self.evaluate())
+                    metrics.update(self.evaluate(done))
                 self.logger.log(done, metrics)
                 self.logger.log_completions(done, self._completion_samples(rollout, scored, advantages))
                 self.logger.log_off_policy(done, off_policy)
@@ -184,12 +184,23 @@ class Trainer:
                                                         cfg.micro_batch_size, cfg.logprob_chunk_size)
         return rollout
 
-    def _score(self, prompts: PromptSet, rollout: Rollout) -> StepRewards:
+    def _score(self, prompts: PromptSet, rollout: Rollout, step: int) -> StepRewards:
         completions, ids = decode(self.tokenizer, rollout, prompts.conversational)
+        context = reward_lib.RewardContext(TrainerState(global_step=step, max_steps=self.config.max_steps))
         scores = reward_lib.score(self.rewards, self.reward_weights, [prompts.rows[r]["prompt"] for r in rollout.row_indices],
                                   completions, ids, prompts.columns(rollout.row_indices),
-                                  skip_errors=self.config.skip_reward_errors)
-        return StepRewards(scores.total, scores.per_func, scores.errors, completions, scores.extra)
+                                  skip_errors=self.config.skip_reward_errors, context=context)
+        extra = {**scores.extra, **self._mean_over_processes(context.metrics)}
+        return StepRewards(scores.total, scores.per_func, scores.errors, completions, extra, dict(context.columns))
+
+    def _mean_over_processes(self, logged: dict[str, list[float]]) -> dict[str, float]:
+        """The mean of what reward functions logged with log_metric, over all processes' calls."""
+        parts = gather_object([dict(logged)]) if self.acc.num_processes > 1 else [logged]
+        merged: dict[str, list[float]] = {}
+        for part in parts:
+            for name, values in part.items():
+                merged.setdefault(name, []).extend(values)
+        return {name: sum(values) / len(values) for name, values in merged.items() if values}
 
     def _advantages(self, total: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -233,15 +244,18 @@ class Trainer:
         for i in range(k):
             rows.append({"prompt": self.train_set.rows[rollout.row_indices[i]]["prompt"],
                          "completion": scored.completions[i], "reward": _clean(float(scored.total[i])),
-                         "advantage": float(advantages[i]), "truncated": bool(rollout.truncated[i])})
+                         "advantage": float(advantages[i]), "truncated": bool(rollout.truncated[i]),
+                         # columns from the reward functions' log_extra, where they gave one value per sample
+                         **{k: v[i] for k, v in scored.logged_columns.items() if len(v) == len(rollout)}})
         return rows
 
     def _status(self, metrics: dict[str, float]) -> str:
         gate = next((f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(f"{self.config.loss_type}/")), "")
         return f"reward={metrics.get('reward', math.nan):.3f} {gate}"
 
-    def evaluate(self) -> dict[str, float]:
-        """Pass@1, Pass@k and greedy accuracy on eval_dataset (see evaluation.py), over all processes."""
+    def evaluate(self, step: int = 0) -> dict[str, float]:
+        """Pass@1, Pass@k and greedy accuracy on eval_dataset (see evaluation.py), over all processes,
+        after `step` rollout steps."""
         cfg = self.config
         with self.acc.autocast():
             totals = evaluation.evaluate(
@@ -250,6 +264,7 @@ class Trainer:
                 max_new_tokens=cfg.max_completion_length, seed=cfg.seed, device=self.acc.device,
                 indices=list(range(self.acc.process_index, len(self.eval_set), self.acc.num_processes)),
                 greedy=cfg.eval_greedy, max_sequences=cfg.max_num_seqs,
+                trainer_state=TrainerState(global_step=step, max_steps=cfg.max_steps),
             )
         summed = self.acc.reduce(totals.as_tensor().to(self.acc.device), "sum").cpu()
         metrics = evaluation.EvalTotals.from_tensor(summed, cfg.eval_num_generations).metrics()

@@ -3,12 +3,15 @@ loading them by name or path, and scoring a batch with several of them."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
 import math
 import sys
-from dataclasses import dataclass
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,10 +95,35 @@ def load_reward_function(spec: str) -> NamedReward:
     return NamedReward(attr, fn)
 
 
+@dataclass
+class RewardContext:
+    """What every call gets besides the batch, as TRL passes it: `trainer_state` (a
+    transformers TrainerState: `global_step` rollout steps done, `max_steps`), `log_metric(name,
+    value)` (a scalar averaged into the step's metrics) and `log_extra(column, values)` (a column of
+    the logged completions, one value per sample of the call)."""
+
+    trainer_state: Any = None
+    metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    columns: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metrics[name].append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        self.columns[column].extend(values)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"trainer_state": self.trainer_state, "log_metric": self.log_metric, "log_extra": self.log_extra}
+
+
+CONTEXT_KWARGS = ("trainer_state", "log_metric", "log_extra")
+
+
 def check_signature(reward: NamedReward, columns: list[str]) -> None:
-    """The function must accept prompts, completions, completion_ids and the dataset's columns as
-    keywords (a **kwargs catches what it does not name)."""
-    names = ["prompts", "completions", "completion_ids", *columns]
+    """The function must accept prompts, completions, completion_ids, TRL's trainer_state,
+    log_metric and log_extra, and the dataset's columns as keywords (a **kwargs catches what it
+    does not name)."""
+    names = ["prompts", "completions", "completion_ids", *CONTEXT_KWARGS, *columns]
     try:
         inspect.signature(reward.fn).bind(**{n: [] for n in names})
     except TypeError as err:
@@ -122,12 +150,14 @@ class RewardScores:
 
 
 def score(rewards: list[NamedReward], weights: list[float], prompts: list, completions: list,
-          completion_ids: list[list[int]], columns: dict[str, list], *, skip_errors: bool) -> RewardScores:
+          completion_ids: list[list[int]], columns: dict[str, list], *, skip_errors: bool,
+          context: RewardContext | None = None) -> RewardScores:
     n = len(completions)
     per_func = torch.full((n, len(rewards)), math.nan, dtype=torch.float64)
     errors = set()
+    given = (context or RewardContext()).kwargs()
     for j, reward in enumerate(rewards):
-        values, failed = _call(reward, prompts, completions, completion_ids, columns, skip_errors)
+        values, failed = _call(reward, prompts, completions, completion_ids, {**columns, **given}, skip_errors)
         errors |= failed
         for i, v in enumerate(values):
             if v is not None:
@@ -143,9 +173,9 @@ def score(rewards: list[NamedReward], weights: list[float], prompts: list, compl
 
 def _call(reward: NamedReward, prompts, completions, completion_ids, columns, skip_errors) -> tuple[list, set[int]]:
     def run(idx: list[int]) -> list:
-        return reward.fn(prompts=[prompts[i] for i in idx], completions=[completions[i] for i in idx],
-                         completion_ids=[completion_ids[i] for i in idx],
-                         **{k: [v[i] for i in idx] for k, v in columns.items()})
+        return _awaited(reward.fn(prompts=[prompts[i] for i in idx], completions=[completions[i] for i in idx],
+                                  completion_ids=[completion_ids[i] for i in idx],
+                                  **{k: v if k in CONTEXT_KWARGS else [v[i] for i in idx] for k, v in columns.items()}))
 
     everything = list(range(len(completions)))
     try:
@@ -174,11 +204,30 @@ def _call(reward: NamedReward, prompts, completions, completion_ids, columns, sk
     return values, failed
 
 
+def _awaited(result: Any) -> Any:
+    """The result of an `async def` reward function (TRL accepts them), awaited here; in a thread
+    when the caller already runs an event loop (a notebook)."""
+    if not inspect.isawaitable(result):
+        return result
+
+    async def wait() -> Any:
+        return await result
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
+
+
 def _check_values(reward: NamedReward, values: Any, n: int) -> list:
-    if not isinstance(values, (list, tuple)) and not (isinstance(values, torch.Tensor) and values.dim() == 1):
+    if getattr(values, "ndim", None) == 1 and callable(getattr(values, "tolist", None)):
+        values = values.tolist()  # a 1-D numpy array or tensor
+    if not isinstance(values, (list, tuple)):
         raise ConfigError(f"reward function {reward.name!r} returned {type(values).__name__}; it must return a list of "
                           "float or None, one per completion")
-    values = list(values.tolist() if isinstance(values, torch.Tensor) else values)
+    values = list(values)
     if len(values) != n:
         raise ConfigError(f"reward function {reward.name!r} returned {len(values)} values for {n} completions; "
                           "it must return one per completion")
