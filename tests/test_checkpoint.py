@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 import sapo
 from sapo.checkpoint import list_checkpoints
@@ -87,3 +88,20 @@ def test_what_a_resume_may_change_depends_on_what_it_does(base_config, tmp_path)
     with pytest.raises(sapo.ConfigError, match="already holds checkpoints of an earlier run"):
         sapo.Trainer(sapo.TrainConfig(**{**linear, "max_steps": 1,
                                          "resume_from_checkpoint": base_config["output_dir"] + "/checkpoint-1"}))
+
+
+def test_resume_from_another_working_directory(base_config, workdir, tmp_path, monkeypatch):
+    """config.yaml keeps absolute paths, so the files named relative to the first directory are
+    recognised when the resume names them from elsewhere."""
+    monkeypatch.chdir(workdir)
+    relative = {**base_config, "dataset": "data.jsonl", "reward_funcs": ["rewards.py:first_char_parity"],
+                "max_steps": 1, "output_dir": str(tmp_path / "run")}
+    sapo.Trainer(sapo.TrainConfig(**relative)).train()
+    saved = yaml.safe_load((tmp_path / "run" / "checkpoint-1" / "config.yaml").read_text())
+    assert saved["dataset"] == str(workdir / "data.jsonl")
+    assert saved["reward_funcs"] == [f"{workdir / 'rewards.py'}:first_char_parity"]
+    monkeypatch.chdir(tmp_path)
+    absolute = {**relative, "dataset": str(workdir / "data.jsonl"),
+                "reward_funcs": [f"{workdir / 'rewards.py'}:first_char_parity"]}
+    resumed = sapo.Trainer(sapo.TrainConfig(**{**absolute, "max_steps": 2, "resume_from_checkpoint": "latest"}))
+    assert resumed.start_step == 1

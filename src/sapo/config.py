@@ -265,11 +265,22 @@ class TrainConfig:
         mine, theirs = self._effective(), other._effective()
         return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in may_change and mine[k] != theirs[k]]
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """A copy whose local model, data and reward files are absolute paths: what a run saves in
+        config.yaml, so that resuming it from another working directory finds the same files."""
+        def absolute(path: str | None) -> str | None:
+            return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+        def reward(spec: str) -> str:
+            module, sep, name = spec.rpartition(":")
+            return f"{absolute(module)}:{name}" if sep and module.endswith(".py") else spec
+
+        return dataclasses.replace(self, model=absolute(self.model), dataset=absolute(self.dataset),
+                                   eval_dataset=absolute(self.eval_dataset),
+                                   reward_funcs=[reward(r) for r in self.reward_funcs])
+
     def _effective(self) -> dict[str, Any]:
-        values = self.to_dict()
-        for key in ("model", "dataset", "eval_dataset"):
-            if values[key] and Path(values[key]).exists():
-                values[key] = str(Path(values[key]).resolve())
+        values = self.with_absolute_paths().to_dict()
         if values["reward_weights"] is None:
             values["reward_weights"] = [1.0] * len(values["reward_funcs"])
         return values

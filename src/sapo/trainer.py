@@ -42,7 +42,7 @@ class StepRewards:
 
 class Trainer:
     def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None) -> None:
-        self.config = config.validate()
+        self.config = config = config.validate().with_absolute_paths()  # config.yaml holds where the files are
         # Without a GPU, Accelerator() treats every launched process as a lone one; cpu=True makes a
         # multi-process launch use torch.distributed with gloo.
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
