@@ -56,6 +56,15 @@ def test_a_pathological_answer_cannot_hang_or_crash_training():
         checker.close()
 
 
+def test_a_workers_start_up_does_not_count_against_an_answers_time_limit():
+    checker = MathChecker(workers=1, timeout=0.5)  # starting a worker (math-verify, sympy) takes longer
+    try:
+        assert checker.check([("2", "\\boxed{2}"), ("3", "\\boxed{3}")]) == [1.0, 1.0]
+        assert checker.metrics() == {"timeouts": 0.0, "errors": 0.0}
+    finally:
+        checker.close()
+
+
 def test_works_from_a_worker_thread():
     out = []
     thread = threading.Thread(target=lambda: out.append(math_accuracy(["q"], ["\\boxed{2\\sqrt{2}}"], ["\\sqrt{8}"])))

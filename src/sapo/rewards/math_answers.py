@@ -71,6 +71,9 @@ def _serve(memory_bytes: int) -> None:
     import sys
 
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    verify_answer("1", "\\boxed{1}")  # imports math-verify and sympy before saying ready
+    sys.stdout.write(json.dumps({"ready": True}) + "\n")
+    sys.stdout.flush()
     for line in sys.stdin:
         gold, completion = json.loads(line)
         try:
@@ -79,6 +82,9 @@ def _serve(memory_bytes: int) -> None:
             answer = {"error": f"{type(err).__name__}: {err}"}
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
+
+
+STARTUP_SECONDS = 120  # importing math-verify and sympy in a new worker, on a busy machine
 
 
 class MathChecker:
@@ -91,6 +97,7 @@ class MathChecker:
         self.size, self.timeout, self.memory_bytes = workers, timeout, memory_bytes
         self._workers: list[subprocess.Popen] = []
         self._lock = threading.Lock()  # the pool serves one batch at a time, from any thread
+        self._ready: set[int] = set()  # pids of workers that have said they are ready
         self.timeouts = self.errors = 0
 
     def _spawn(self) -> subprocess.Popen:
@@ -109,6 +116,7 @@ class MathChecker:
             while pending or busy:
                 for slot in range(self.size):
                     if slot not in busy and pending:
+                        self._await_ready(slot)  # a worker's start-up is not part of an answer's time
                         item = pending.pop()
                         try:
                             self._workers[slot].stdin.write(json.dumps(pairs[item]) + "\n")
@@ -138,6 +146,16 @@ class MathChecker:
                         self.timeouts += 1
                         del busy[slot]
             return results
+
+    def _await_ready(self, slot: int) -> None:
+        worker = self._workers[slot]
+        if worker.pid in self._ready:
+            return
+        line = worker.stdout.readline() if wait([worker.stdout], timeout=STARTUP_SECONDS) else ""
+        if not line or "ready" not in json.loads(line):
+            worker.kill()
+            raise RuntimeError(f"a math-verify worker did not start within {STARTUP_SECONDS} s")
+        self._ready.add(worker.pid)
 
     def _replace(self, slot: int) -> None:
         worker = self._workers[slot]
