@@ -90,18 +90,28 @@ def test_what_a_resume_may_change_depends_on_what_it_does(base_config, tmp_path)
                                          "resume_from_checkpoint": base_config["output_dir"] + "/checkpoint-1"}))
 
 
-def test_resume_from_another_working_directory(base_config, workdir, tmp_path, monkeypatch):
-    """config.yaml keeps absolute paths, so the files named relative to the first directory are
-    recognised when the resume names them from elsewhere."""
+def test_resume_from_another_working_directory_or_a_moved_project(base_config, workdir, tmp_path, monkeypatch):
+    """Files are the same if named alike (a moved project) or if they resolve to the same path
+    from the directory each run started in (config.yaml keeps them as given)."""
     monkeypatch.chdir(workdir)
     relative = {**base_config, "dataset": "data.jsonl", "reward_funcs": ["rewards.py:first_char_parity"],
                 "max_steps": 1, "output_dir": str(tmp_path / "run")}
     sapo.Trainer(sapo.TrainConfig(**relative)).train()
     saved = yaml.safe_load((tmp_path / "run" / "checkpoint-1" / "config.yaml").read_text())
-    assert saved["dataset"] == str(workdir / "data.jsonl")
-    assert saved["reward_funcs"] == [f"{workdir / 'rewards.py'}:first_char_parity"]
+    assert saved["dataset"] == "data.jsonl" and saved["reward_funcs"] == ["rewards.py:first_char_parity"]
     monkeypatch.chdir(tmp_path)
     absolute = {**relative, "dataset": str(workdir / "data.jsonl"),
                 "reward_funcs": [f"{workdir / 'rewards.py'}:first_char_parity"]}
     resumed = sapo.Trainer(sapo.TrainConfig(**{**absolute, "max_steps": 2, "resume_from_checkpoint": "latest"}))
     assert resumed.start_step == 1
+    # Another file of the same name elsewhere is another run.
+    (tmp_path / "data.jsonl").write_text((workdir / "data.jsonl").read_text())
+    with pytest.raises(sapo.ConfigError, match=r"other settings \(dataset: 'data.jsonl' -> '/"):
+        sapo.Trainer(sapo.TrainConfig(**{**absolute, "dataset": str(tmp_path / "data.jsonl"), "max_steps": 2,
+                                         "resume_from_checkpoint": "latest"}))
+
+
+def test_a_moved_project_is_the_same_run(base_config, tmp_path):
+    """The same relative spellings are the same files, wherever the project now lies."""
+    here = sapo.TrainConfig(**{**base_config, "dataset": "data.jsonl", "reward_funcs": ["rewards.py:f"]})
+    assert here.run_differences(here, other_cwd=str(tmp_path / "old" / "place")) == []

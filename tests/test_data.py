@@ -55,3 +55,10 @@ def test_parquet_and_json(tmp_path):
     (tmp_path / "d.json").write_text('[{"prompt": "b", "answer": "2"}]')
     assert load_rows(str(tmp_path / "d.parquet")) == [{"prompt": "a", "answer": "1"}]
     assert load_rows(str(tmp_path / "d.json")) == [{"prompt": "b", "answer": "2"}]
+
+
+def test_the_config_knows_the_dataset_file_suffixes():
+    from sapo.config import DATA_SUFFIXES
+    from sapo.data import FILE_FORMATS
+
+    assert set(FILE_FORMATS) == set(DATA_SUFFIXES)

@@ -55,7 +55,8 @@ def check_start(config: TrainConfig, resume_path: Path | None) -> None:
     if resume_path is None:
         return
     saved = TrainConfig.load_saved(resume_path / "config.yaml")
-    differences = config.run_differences(saved) if saved is not None else []
+    started_in = json.loads((resume_path / "trainer_state.json").read_text()).get("working_directory")
+    differences = config.run_differences(saved, other_cwd=started_in) if saved is not None else []
     if differences:
         raise ConfigError(f"resume_from_checkpoint: {resume_path} belongs to a run with other settings "
                           f"({describe_differences(differences)}); resume with its settings, or start a new run "

@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import inspect
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # dataset files (data.FILE_FORMATS); other names are tasks
 # Settings a built-in objective ignores.
 UNUSED_BY = {"sapo": frozenset({"epsilon", "epsilon_high"}), "grpo": frozenset({"tau_pos", "tau_neg"}),
              "gspo": frozenset({"tau_pos", "tau_neg"})}
@@ -251,36 +253,41 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls.from_dict({k: v for k, v in read_yaml_mapping(path).items() if k in known})
 
-    def run_differences(self, other: "TrainConfig", *, may_change: frozenset[str] | None = None) -> list[str]:
-        """The settings that make `other` a different training run from this one, as
-        "field: other's value -> this value", compared by their effect: paths resolved, the
-        objective's unused knobs and default reward weights ignored. `may_change` (default
-        CONTINUABLE) are the fields a continued run may change; `max_steps` only where the
-        learning rate schedule does not depend on it."""
+    def run_differences(self, other: "TrainConfig", *, may_change: frozenset[str] | None = None,
+                        other_cwd: str | None = None) -> list[str]:
+        """The settings that make `other` (a run started in `other_cwd`, default the current
+        directory) a different training run from this one, as "field: other's value -> this
+        value". A setting differs only if both its spelling and its effect differ: local files
+        are the same if named alike (a moved project) or if they resolve to the same path (named
+        from another directory); the objective's unused knobs and default reward weights do not
+        count. `may_change` (default CONTINUABLE) are the fields a continued run may change;
+        `max_steps` only where the learning rate schedule does not depend on it."""
         may_change = CONTINUABLE if may_change is None else may_change
         if self.lr_scheduler != "constant":
             may_change = may_change - {"max_steps"}
         if self.loss_type == other.loss_type:  # the knobs of other objectives do not matter
             may_change = may_change | UNUSED_BY.get(self.loss_type, frozenset())
-        mine, theirs = self._effective(), other._effective()
-        return [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if k not in may_change and mine[k] != theirs[k]]
+        given, their_given = self.to_dict(), other.to_dict()
+        mine, theirs = self._effective(os.getcwd()), other._effective(other_cwd or os.getcwd())
+        return [f"{k}: {their_given[k]!r} -> {given[k]!r}" for k in mine
+                if k not in may_change and mine[k] != theirs[k] and given[k] != their_given[k]]
 
-    def with_absolute_paths(self) -> "TrainConfig":
-        """A copy whose local model, data and reward files are absolute paths: what a run saves in
-        config.yaml, so that resuming it from another working directory finds the same files."""
-        def absolute(path: str | None) -> str | None:
-            return str(Path(path).resolve()) if path and Path(path).exists() else path
+    def _effective(self, cwd: str) -> dict[str, Any]:
+        """Values by their effect: local files as absolute paths seen from `cwd`, the default
+        reward weights written out."""
+        def local(path: str) -> str:
+            return str((Path(cwd) / path).resolve())  # an absolute path stays itself
 
         def reward(spec: str) -> str:
             module, sep, name = spec.rpartition(":")
-            return f"{absolute(module)}:{name}" if sep and module.endswith(".py") else spec
+            return f"{local(module)}:{name}" if sep and module.endswith(".py") else spec
 
-        return dataclasses.replace(self, model=absolute(self.model), dataset=absolute(self.dataset),
-                                   eval_dataset=absolute(self.eval_dataset),
-                                   reward_funcs=[reward(r) for r in self.reward_funcs])
-
-    def _effective(self) -> dict[str, Any]:
-        values = self.with_absolute_paths().to_dict()
+        values = self.to_dict()
+        values["model"] = local(values["model"]) if values["model"] else values["model"]
+        for key in ("dataset", "eval_dataset"):  # a built-in task's name is not a path
+            if values[key] and Path(values[key]).suffix in DATA_SUFFIXES:
+                values[key] = local(values[key])
+        values["reward_funcs"] = [reward(r) for r in values["reward_funcs"]]
         if values["reward_weights"] is None:
             values["reward_weights"] = [1.0] * len(values["reward_funcs"])
         return values

@@ -4,6 +4,7 @@ log, evaluate, checkpoint. Each phase lives in its own module; this file wires t
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ class StepRewards:
 
 class Trainer:
     def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None) -> None:
-        self.config = config = config.validate().with_absolute_paths()  # config.yaml holds where the files are
+        self.config = config.validate()
+        self.working_directory = os.getcwd()  # what the config's relative paths are relative to
         # Without a GPU, Accelerator() treats every launched process as a lone one; cpu=True makes a
         # multi-process launch use torch.distributed with gloo.
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
@@ -277,6 +279,7 @@ class Trainer:
         return save_checkpoint(self.acc, self.config.output_dir, step, model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, config_yaml=self.config.to_yaml(),
                                trainer_state={"prompts_consumed": step * self.config.prompts_per_step,
+                                              "working_directory": self.working_directory,
                                               "wall_seconds": self.wall_seconds_before + time.perf_counter() - self._started},
                                save_total_limit=self.config.save_total_limit)
 
