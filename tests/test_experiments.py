@@ -154,6 +154,11 @@ def test_runs_with_different_configs_never_share_an_arm():
 
     arms = group_arms([run(1e-4, 0), run(1e-2, 0), run(1e-4, 1)])
     assert {k: [r.seed for r in v] for k, v in arms.items()} == {"sapo": [0, 1], "sapo #2": [0]}
+    # A sweep over a knob a continued run may change keeps its arms apart by name.
+    small, large = run(1e-4, 0), run(1e-4, 0)
+    small.arm, small.config["micro_batch_size"] = "micro_batch_size=8", 8
+    large.arm, large.config["micro_batch_size"] = "micro_batch_size=64", 64
+    assert list(group_arms([small, large])) == ["micro_batch_size=8", "micro_batch_size=64"]
 
 
 def test_plot_gates_uses_the_librarys_gate_functions(tmp_path, monkeypatch):
@@ -175,3 +180,13 @@ def test_plot_gates_uses_the_librarys_gate_functions(tmp_path, monkeypatch):
     result = subprocess.run([sys.executable, "-m", "sapo", "plot", "gates", "--out", str(tmp_path / "g2.png")],
                             capture_output=True, text=True)
     assert result.returncode == 0 and (tmp_path / "g2.png").is_file()
+
+
+def test_a_runs_own_config_can_be_the_base_of_a_comparison(tiny_base, tmp_path, capsys):
+    from sapo.cli import RUN_FIELDS, _load_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump({**tiny_base, "seed": 7, "output_dir": "old", "resume_from_checkpoint": "latest"}))
+    config = _load_config([str(saved), "max_steps=3"], fixed_by=RUN_FIELDS)
+    assert (config.seed, config.resume_from_checkpoint, config.max_steps) == (0, None, 3)
+    assert "note: output_dir, resume_from_checkpoint, seed from" in capsys.readouterr().err

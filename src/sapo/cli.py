@@ -175,11 +175,16 @@ def _load_config(items: list[str], *, fixed_by: dict[str, str] | None = None):
     items = list(items)
     path = items.pop(0) if items and "=" not in items[0] else None
     loaded = read_yaml_mapping(path) if path is not None else {}
-    named = {i.split("=", 1)[0] for i in items} | set(loaded)
-    clash = sorted(named & set(fixed_by or {}))
+    overrides = {i.split("=", 1)[0] for i in items}
+    clash = sorted(overrides & set(fixed_by or {}))
     if clash:
-        raise ConfigError(f"{clash[0]} is set by {fixed_by[clash[0]]} for each run; remove it from the config and "
-                          "overrides")
+        raise ConfigError(f"{clash[0]} is set by {fixed_by[clash[0]]} for each run; remove {clash[0]}=...")
+    dropped = sorted(set(loaded) & set(fixed_by or {}))  # e.g. a run's own config.yaml as the base
+    if dropped:
+        print(f"note: {', '.join(dropped)} from {path} replaced for each run (" +
+              "; ".join(f"{k}: {fixed_by[k]}" for k in dropped) + ")", file=sys.stderr)
+        loaded = {k: v for k, v in loaded.items() if k not in dropped}
+    named = overrides | set(loaded)
     base = {} if named & {"model", "dataset"} else demo_settings()
     return TrainConfig.from_sources(None, items, base={**base, **loaded})
 

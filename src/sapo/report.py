@@ -29,11 +29,13 @@ CURVES = [  # (metric, panel title)
 VOLATILE = ("output_dir", "seed", "resume_from_checkpoint")
 
 
-def _grouping_key(config: dict[str, Any]) -> str:
-    """What makes two runs the same experiment: every field but the seed and those a continued
-    run may change (checkpointing, logging, memory knobs), except evaluation and length."""
+def _grouping_key(run: RunData) -> str:
+    """What makes two runs the same experiment: the arm's name and every field but the seed and
+    those a continued run may change (checkpointing, logging, memory knobs; evaluation and length
+    do count). A sweep over one of those knobs still has one arm per value, by name."""
     ignored = set(VOLATILE) | (CONTINUABLE - EVALUATION - {"max_steps"})
-    return yaml.safe_dump({k: v for k, v in config.items() if k not in ignored}, sort_keys=True)
+    return yaml.safe_dump({"arm": run.arm, **{k: v for k, v in run.config.items() if k not in ignored}},
+                          sort_keys=True)
 
 
 @dataclass
@@ -88,7 +90,7 @@ def group_arms(runs: list[RunData]) -> dict[str, list[RunData]]:
     groups: dict[str, list[RunData]] = {}
     labels: dict[str, str] = {}
     for run in runs:
-        key = _grouping_key(run.config)
+        key = _grouping_key(run)
         if key not in labels:
             taken = sum(1 for label in labels.values() if label.split(" #")[0] == run.arm)
             labels[key] = run.arm if taken == 0 else f"{run.arm} #{taken + 1}"
