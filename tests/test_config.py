@@ -112,6 +112,12 @@ def test_reward_functions_given_as_python_functions_are_registered_by_name(tmp_p
     assert config.reward_funcs == ["shortness_for_config_test", "exact_match"]
     assert "shortness_for_config_test" in config.to_yaml()
     assert load_reward_function("shortness_for_config_test").fn is shortness_for_config_test
+    for _ in range(2):  # a def run again (a notebook cell) replaces its earlier self
+        def redefined_for_config_test(prompts, completions, **kwargs):
+            return [0.0] * len(completions)
+
+        assert valid(tmp_path, reward_funcs=(redefined_for_config_test,)).reward_funcs == ["redefined_for_config_test"]
+        assert load_reward_function("redefined_for_config_test").fn is redefined_for_config_test
     with pytest.raises(ConfigError, match=r"has no name to save in config.yaml"):
         valid(tmp_path, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)])
 

@@ -68,6 +68,27 @@ def test_a_raising_function_is_named_with_its_sample():
     assert out.errors == 1 and math.isnan(out.total[1].item()) and out.total[0].item() == 1.0
 
 
+def test_what_a_raising_call_logged_is_replaced_by_the_per_sample_calls():
+    from sapo.rewards import RewardContext
+
+    def logs_then_raises(prompts, completions, answer, log_metric, log_extra, **kw):
+        log_extra("seen", list(answer))
+        log_metric("calls", 1.0)
+        return [1 / 0 if x == "7" else 1.0 for x in answer]
+
+    context = RewardContext()
+    out = score([named(logs_then_raises)], [1.0], ["p"] * 3, ["1", "2", "3"], [[1]] * 3, {"answer": ["1", "7", "3"]},
+                skip_errors=True, context=context)
+    assert out.errors == 1
+    assert dict(context.columns) == {"seen": ["1", None, "3"]}  # one value per sample, None where it raised
+    assert dict(context.metrics) == {"calls": [1.0, 1.0]}  # the two calls that returned
+
+
+def test_a_column_named_like_an_argument_of_every_call_is_refused():
+    with pytest.raises(ConfigError, match=r"the dataset column 'trainer_state' has the name of an argument"):
+        check_signature(named(lambda prompts, completions, **kw: []), ["answer", "trainer_state"])
+
+
 @pytest.mark.parametrize("value,message", [
     ([1.0], r"returned 1 values for 3 completions"),
     ("abc", r"returned str; it must return a list"),

@@ -210,4 +210,4 @@ async def shaped(prompts, completions, trainer_state, log_metric, log_extra, **k
         rows = [c for c in completions if c["step"] == step]
         assert len(rows) == 8 and all(c["chars"] == len(c["completion"]) for c in rows)
         logged = next(x for x in lines if x["step"] == step)
-        assert logged["mean_chars"] == pytest.approx(sum(c["chars"] for c in rows) / len(rows))
+        assert logged["rewards/mean_chars"] == pytest.approx(sum(c["chars"] for c in rows) / len(rows))

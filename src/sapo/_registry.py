@@ -23,11 +23,12 @@ class Registry(Generic[T]):
         self.field_name = field_name  # the config field or argument that takes these names
         self._entries: dict[str, T] = {}
 
-    def add(self, name: str, entry: T) -> T:
+    def add(self, name: str, entry: T, *, replace: bool = False) -> T:
+        """`replace`: another object may take the name (a function defined again in a notebook)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.field_name}: a registered name must be a non-empty string, got {name!r}")
         existing = self._entries.get(name)
-        if existing is not None and existing is not entry:
+        if existing is not None and existing is not entry and not replace:
             raise ValueError(f"{self.field_name}: {name!r} is already registered ({existing!r}); choose another name")
         self._entries[name] = entry
         return entry

@@ -432,10 +432,13 @@ def _reward_name(fn: Any) -> str:
         raise ConfigError(f"reward_funcs: {fn!r} has no name to save in config.yaml; define it with def, or register "
                           "it with @sapo.rewards.register_reward('name') and give that name")
     available_rewards()  # the built-in names are taken first
-    if name in REWARDS and REWARDS.get(name) is not fn:
+    existing = REWARDS.get(name) if name in REWARDS else fn
+    redefined = (getattr(existing, "__module__", None), getattr(existing, "__qualname__", None)) == \
+        (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))  # the same def, run again
+    if not redefined:
         raise ConfigError(f"reward_funcs: the name {name!r} of {fn!r} is taken by another reward function; register "
                           "yours under another name with @sapo.rewards.register_reward('other_name')")
-    REWARDS.add(name, fn)
+    REWARDS.add(name, fn, replace=True)
     return name
 
 
@@ -455,6 +458,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{name} must be a mapping such as {{digits: 3}}, got {value!r}")
         return value
     if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
         if isinstance(value, (str, int, float)):
             value = [value]  # reward_funcs=my.py:f or report_to=tensorboard on the command line
         if not isinstance(value, list):

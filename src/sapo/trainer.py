@@ -202,7 +202,8 @@ class Trainer:
         for part in parts:
             for name, values in part.items():
                 merged.setdefault(name, []).extend(values)
-        return {name: sum(values) / len(values) for name, values in merged.items() if values}
+        # Under rewards/, so that no reward function can overwrite a metric of the trainer's.
+        return {f"rewards/{name}": sum(values) / len(values) for name, values in merged.items() if values}
 
     def _advantages(self, total: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -115,6 +115,18 @@ class RewardContext:
     def kwargs(self) -> dict[str, Any]:
         return {"trainer_state": self.trainer_state, "log_metric": self.log_metric, "log_extra": self.log_extra}
 
+    def mark(self) -> tuple[dict[str, int], dict[str, int]]:
+        return {k: len(v) for k, v in self.metrics.items()}, {k: len(v) for k, v in self.columns.items()}
+
+    def rollback(self, mark: tuple[dict[str, int], dict[str, int]]) -> None:
+        """Forget what a call that then raised had logged (it is retried sample by sample)."""
+        for logged, sizes in zip((self.metrics, self.columns), mark):
+            for key in list(logged):
+                if key in sizes:
+                    del logged[key][sizes[key]:]
+                else:
+                    del logged[key]
+
 
 CONTEXT_KWARGS = ("trainer_state", "log_metric", "log_extra")
 
@@ -123,6 +135,10 @@ def check_signature(reward: NamedReward, columns: list[str]) -> None:
     """The function must accept prompts, completions, completion_ids, TRL's trainer_state,
     log_metric and log_extra, and the dataset's columns as keywords (a **kwargs catches what it
     does not name)."""
+    taken = [c for c in columns if c in CONTEXT_KWARGS]
+    if taken:
+        raise ConfigError(f"the dataset column {taken[0]!r} has the name of an argument every reward function gets "
+                          f"({', '.join(CONTEXT_KWARGS)}, as in TRL); rename the column")
     names = ["prompts", "completions", "completion_ids", *CONTEXT_KWARGS, *columns]
     try:
         inspect.signature(reward.fn).bind(**{n: [] for n in names})
@@ -155,9 +171,9 @@ def score(rewards: list[NamedReward], weights: list[float], prompts: list, compl
     n = len(completions)
     per_func = torch.full((n, len(rewards)), math.nan, dtype=torch.float64)
     errors = set()
-    given = (context or RewardContext()).kwargs()
+    context = context or RewardContext()
     for j, reward in enumerate(rewards):
-        values, failed = _call(reward, prompts, completions, completion_ids, {**columns, **given}, skip_errors)
+        values, failed = _call(reward, prompts, completions, completion_ids, columns, context, skip_errors)
         errors |= failed
         for i, v in enumerate(values):
             if v is not None:
@@ -171,25 +187,29 @@ def score(rewards: list[NamedReward], weights: list[float], prompts: list, compl
     return RewardScores(per_func, extra, total, len(errors))
 
 
-def _call(reward: NamedReward, prompts, completions, completion_ids, columns, skip_errors) -> tuple[list, set[int]]:
-    def run(idx: list[int]) -> list:
+def _call(reward: NamedReward, prompts, completions, completion_ids, columns, context: RewardContext,
+          skip_errors) -> tuple[list, set[int]]:
+    def run(idx: list[int], ctx: RewardContext) -> list:
         return _awaited(reward.fn(prompts=[prompts[i] for i in idx], completions=[completions[i] for i in idx],
                                   completion_ids=[completion_ids[i] for i in idx],
-                                  **{k: v if k in CONTEXT_KWARGS else [v[i] for i in idx] for k, v in columns.items()}))
+                                  **{k: [v[i] for i in idx] for k, v in columns.items()}, **ctx.kwargs()))
 
     everything = list(range(len(completions)))
+    mark = context.mark()
     try:
-        values = _check_values(reward, run(everything), len(everything))
+        values = _check_values(reward, run(everything, context), len(everything))
         return values, set()
     except ConfigError:
         raise
     except Exception:
-        pass
+        context.rollback(mark)  # it is called again sample by sample
     # Find the samples that make it raise, one by one, to name them.
-    values, failed = [], set()
+    values, failed, logs = [], set(), []
     for i in everything:
+        own = RewardContext(context.trainer_state)
         try:
-            values.extend(_check_values(reward, run([i]), 1))
+            values.extend(_check_values(reward, run([i], own), 1))
+            logs.append(own)
         except ConfigError:
             raise
         except Exception as err:
@@ -201,6 +221,14 @@ def _call(reward: NamedReward, prompts, completions, completion_ids, columns, sk
                 ) from err
             values.append(None)
             failed.add(i)
+            logs.append(None)
+    # What the per-sample calls logged, as if from one call: a column holds None for a failed sample.
+    for own in filter(None, logs):
+        for name, logged in own.metrics.items():
+            context.metrics[name].extend(logged)
+    for column in {c for own in filter(None, logs) for c in own.columns}:
+        context.columns[column].extend(own.columns[column][0] if own and len(own.columns.get(column, ())) == 1
+                                       else None for own in logs)
     return values, failed
 
 
