@@ -95,6 +95,21 @@ def test_rollout_logprobs_and_recomputed_ones_give_the_same_update(base_config):
     assert_same_update(full_logits, recomputed)
 
 
+def test_padding_free_rows_give_the_same_update(base_config):
+    from sapo.logprobs import _PACKING_VERIFIED
+
+    # Recomputed pi_old and a reference model: all three log-prob passes take the layout.
+    kw = dict(num_minibatches=2, use_rollout_logprobs=False, beta=0.1, max_steps=1, optim="sgd", learning_rate=1.0)
+    updates = {}
+    for padding_free in (False, True):
+        out = tempfile.mkdtemp(dir=Path(base_config["output_dir"]).parent)
+        trainer, before, after, _ = run(**{**base_config, **kw, "padding_free": padding_free, "output_dir": out})
+        updates[padding_free] = {k: after[k] - before[k] for k in before}
+        assert _PACKING_VERIFIED.get(trainer.model) is (True if padding_free else None)
+        assert _PACKING_VERIFIED.get(trainer.ref_model) is (True if padding_free else None)
+    assert_same_update(updates[True], updates[False])
+
+
 def test_resume_is_exact(base_config, tmp_path):
     straight = {**base_config, "max_steps": 6, "output_dir": str(tmp_path / "straight")}
     _, _, final_straight, history = run(**straight)

@@ -38,7 +38,7 @@ UNUSED_BY = {"sapo": frozenset({"epsilon", "epsilon_high"}), "grpo": frozenset({
 CONTINUABLE = frozenset({
     "max_steps", "eval_dataset", "eval_steps", "eval_num_generations", "eval_greedy", "save_steps", "save_total_limit",
     "resume_from_checkpoint", "output_dir", "report_to", "log_completions", "micro_batch_size", "logprob_chunk_size",
-    "max_num_seqs", "skip_reward_errors", "allow_unsandboxed_code",
+    "padding_free", "max_num_seqs", "skip_reward_errors", "allow_unsandboxed_code",
 })
 
 
@@ -124,6 +124,12 @@ class TrainConfig:
     (`sapo.token_logprobs`): no (tokens x vocabulary) logits are held. Used when the vocabulary
     is larger than one chunk (smaller ones gain nothing); 0: always full logits + log_softmax.
     Models whose output layer is not a plain linear layer use full logits anyway."""
+    padding_free: bool = True
+    """Score completions on padding-free rows (TRL's padding_free, verl's use_remove_padding):
+    a row holds a prompt once and the completions of its samples in the micro-batch after it,
+    with a block attention mask, never longer than a padded row. Same values up to rounding,
+    less computation. Models that cannot take the mask (attention other than sdpa/eager, a
+    sliding window, or values that differ at the first check) keep padded rows."""
     max_num_seqs: int = 0
     """Most sequences sampled in one decoding batch (vLLM's and verl's max_num_seqs), rounded
     down to whole groups but at least one group; 0: the whole rollout batch at once. Lower it

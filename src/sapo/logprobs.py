@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,25 +14,126 @@ from torch import Tensor, nn
 
 from .chunked_logprobs import token_logprobs
 from .models import forward_keeping_logits
+from .packing import pack_rows
 
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, temperature: float, *, with_entropy: bool = False,
-                        chunk_size: int = 0) -> tuple[Tensor, Tensor | None]:
+                        chunk_size: int = 0, padding_free: bool = False) -> tuple[Tensor, Tensor | None]:
     """log pi(completion token | prefix) at the sampling temperature, (B, C) float32.
 
     Prompts are left-padded, completions right-padded; positions come from the attention mask
     so padding does not shift them. Only the completion positions go through the output layer.
-    With 0 < `chunk_size` < V and a plain linear output layer, that layer runs as
-    `token_logprobs` over vocabulary chunks of that size: no (B, C, V) logits. The forward
-    still goes through `model` itself (a DDP/FSDP wrapper's hooks fire). The entropy (B, C), if
-    asked, carries no gradient. Padding positions hold 0.
+    With `padding_free`, the model runs on padding-free rows (`sapo.packing`: each prompt once,
+    its samples' completions after it) where it supports them: an attention implementation that
+    takes a block mask, no sliding window, and the same values as the usual layout at its first
+    use (checked once per model). With 0 < `chunk_size` < V and a plain linear output layer,
+    that layer runs as `token_logprobs` over vocabulary chunks of that size: no (tokens, V)
+    logits. The forward still goes through `model` itself (a DDP/FSDP wrapper's hooks fire).
+    The entropy (B, C), if asked, carries no gradient. Padding positions hold 0.
     """
+    layout = _padded_layout(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    packed = _packed_layout(model, prompt_ids, prompt_mask, completion_ids, completion_mask) if padding_free else None
+    if packed is not None and _packing_verified(model, layout, *packed, completion_ids, completion_mask,
+                                                temperature, chunk_size):
+        layout = packed[0]
+    return _logprobs(model, layout, completion_ids, completion_mask, temperature, with_entropy, chunk_size)
+
+
+@dataclass
+class _Layout:
+    kwargs: dict  # the model's inputs
+    keep: int  # logits_to_keep: the last positions the output layer needs
+    select: Callable[[Tensor], Tensor]  # (R, >= keep, ...) -> (N, ...): the positions predicting the completion tokens
+
+
+def _padded_layout(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> _Layout:
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     C = completion_ids.shape[1]
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    mask = completion_mask.bool()
+    # The logit at position p predicts token p + 1.
+    return _Layout(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False),
+                   C + 1, lambda x: x[:, -(C + 1):-1][mask])
+
+
+def _packed_layout(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+                   completion_mask: Tensor) -> tuple[_Layout, bool] | None:
+    """The padding-free layout and whether some row holds several samples (None: not for this
+    model or batch)."""
+    config = getattr(_inner(model), "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _MASK_DTYPE or _has_sliding_window(config):
+        return None
+    pad = getattr(config, "pad_token_id", None)
+    rows = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                     pad_token_id=pad if isinstance(pad, int) else 0)
+    if rows is None:
+        return None
+    L = rows.input_ids.shape[1]
+    cols = rows.cols_N - L  # from the end: valid whether or not the model honoured logits_to_keep
+    kwargs = dict(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False,
+                  attention_mask=rows.attention_mask(_MASK_DTYPE[implementation]))
+    return _Layout(kwargs, L - rows.first_needed_column, lambda x: x[rows.rows_N, cols]), rows.shared
+
+
+# Attention implementations that take a custom 4D mask as it is: sdpa as booleans, eager added to the scores.
+_MASK_DTYPE = {"sdpa": None, "eager": torch.float32}
+
+
+def _has_sliding_window(config) -> bool:
+    """A custom mask replaces the model's own, sliding windows included: such models keep the usual layout."""
+    configs = [config]
+    try:
+        configs.append(config.get_text_config(decoder=True))
+    except Exception:  # noqa: BLE001 - no separate text config
+        pass
+    return any(getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True) for c in configs)
+
+
+def _inner(model):
+    return model.module if hasattr(model, "module") else model  # DDP
+
+
+# Models whose padding-free results matched the usual layout: True once checked on rows holding
+# several samples, "unshared" while only checked on rows of one sample each, False after a
+# mismatch (weak: a freed model is forgotten).
+_PACKING_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _packing_verified(model, usual: _Layout, packed: _Layout, shared: bool, completion_ids: Tensor,
+                      completion_mask: Tensor, temperature: float, chunk_size: int) -> bool:
+    """Whether to use the padding-free layout for this model. The first call, and the first one
+    whose rows hold several samples of a prompt, compute both layouts (without gradient or
+    autocast) and compare them; a mismatch (a model that does not honour the block mask) turns
+    the layout off for the model, with a warning. The check runs the unwrapped model: a DDP
+    wrapper's forward would take part in collectives that other processes, checking at other
+    calls, do not join."""
+    inner = _inner(model)
+    verdict = _PACKING_VERIFIED.get(inner)
+    if isinstance(verdict, bool) or (verdict == "unshared" and not shared):
+        return verdict is not False
+    mask = completion_mask.bool()
+    if not mask.any():
+        return True  # nothing to compare; the values are all 0 either way
+    with torch.no_grad(), torch.autocast(completion_ids.device.type, enabled=False):
+        expected, got = (_logprobs(inner, layout, completion_ids, completion_mask, temperature, False, chunk_size)[0]
+                         for layout in (usual, packed))
+    dtype = next(inner.parameters()).dtype
+    ok = bool(((expected - got).abs() <= (1e-3 if dtype == torch.float32 else 5e-2))[mask].all())
+    if not ok:
+        warnings.warn(f"{type(inner).__name__}: padding-free rows do not give the same log-probabilities as "
+                      "padded ones (the model does not honour a block attention mask); using padded rows",
+                      stacklevel=3)
+    _PACKING_VERIFIED[inner] = ok and ("unshared" if not shared else True)
+    return ok
+
+
+def _logprobs(model, layout: _Layout, completion_ids: Tensor, completion_mask: Tensor, temperature: float,
+              with_entropy: bool, chunk_size: int) -> tuple[Tensor, Tensor | None]:
+    mask = completion_mask.bool()
+    targets_N = completion_ids[mask]
     head = lean_head(model) if chunk_size else None
     if head is not None and head.weight.shape[0] <= chunk_size:  # one chunk: the full logits are no larger
         head = None
@@ -40,72 +143,71 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
         # also computes the chunked values, to compare once the model has returned its logits.
         shadow, head = head, None
     if head is not None and _VERIFIED[head]:
-        with _head_returns_logprobs(head, completion_ids, completion_mask, temperature, chunk_size, with_entropy) as out:
+        with _head_returns_logprobs(head, layout.select, targets_N, mask, temperature, chunk_size,
+                                    with_entropy) as out:
             # What the model returns (not out["logp"]): a DDP wrapper's autograd hooks sit on it.
-            logp_BC = _forward(model, kwargs, C + 1)
+            logp_BC = _forward(model, layout)
         if out["logp"] is None or logp_BC.shape != completion_ids.shape:
             raise RuntimeError("the model did not call its output layer once on the hidden states; set "
                                "logprob_chunk_size=0 to compute log-probabilities from its logits")
         return logp_BC, out["entropy"]
     if shadow is not None:
-        with _head_returns_logprobs(shadow, completion_ids, completion_mask, temperature, chunk_size, False,
+        with _head_returns_logprobs(shadow, layout.select, targets_N, mask, temperature, chunk_size, False,
                                     shadow=True) as out:
-            logits = _forward(model, kwargs, C + 1)
-        _record_verdict(model, shadow, out["logp"], logits, completion_ids, completion_mask, temperature)
+            logits = _forward(model, layout)
+        _record_verdict(model, shadow, out["logp"], layout.select(logits), targets_N, mask, temperature)
     else:
-        logits = _forward(model, kwargs, C + 1)
-    # The logit at position p predicts token p + 1.
-    logits_BCV = logits[:, -(C + 1):-1].float() / temperature
-    logp_BCV = F.log_softmax(logits_BCV, dim=-1)
-    logp_BC = logp_BCV.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        logits = _forward(model, layout)
+    logp_NV = F.log_softmax(layout.select(logits).float() / temperature, dim=-1)
+    logp_BC = _scatter(mask, logp_NV.gather(-1, targets_N.unsqueeze(-1)).squeeze(-1))
     entropy_BC = None
     if with_entropy:
         with torch.no_grad():
-            entropy_BC = -(logp_BCV.exp() * logp_BCV).sum(-1)
-    mask = completion_mask.bool()
-    return torch.where(mask, logp_BC, 0.0), None if entropy_BC is None else torch.where(mask, entropy_BC, 0.0)
+            entropy_BC = _scatter(mask, -(logp_NV.exp() * logp_NV).sum(-1))
+    return logp_BC, entropy_BC
+
+
+def _scatter(mask: Tensor, values_N: Tensor) -> Tensor:
+    """(B, C) with the completion tokens' values in place and 0 at padding."""
+    return values_N.new_zeros(mask.shape).masked_scatter(mask, values_N)
 
 
 # Output layers checked against the model's own logits, at their first use (weak: a freed model is forgotten).
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _record_verdict(model, head: nn.Linear, lean_BC: Tensor | None, logits: Tensor, completion_ids: Tensor,
-                    completion_mask: Tensor, temperature: float) -> None:
+def _record_verdict(model, head: nn.Linear, lean_BC: Tensor | None, logits_NV: Tensor, targets_N: Tensor,
+                    mask: Tensor, temperature: float) -> None:
     """Whether the chunked values, computed inside the head's call, match the log-probabilities
     of the logits the model returned from the same hidden states: this catches a model that
     post-processes its logits in a way `lean_head` does not know, or never calls its output
     layer. The tolerance is a rounding step of the logits' own dtype. No verdict without a
     completion token to compare."""
-    mask = completion_mask.bool()
     if not mask.any():
         return
-    C = completion_ids.shape[1]
     with torch.no_grad():
-        logits_BCV = logits[:, -(C + 1):-1]
-        full = torch.log_softmax(logits_BCV.float() / temperature, -1).gather(
-            -1, completion_ids.unsqueeze(-1)).squeeze(-1)
-        if lean_BC is None or lean_BC.shape != full.shape:
+        full = torch.log_softmax(logits_NV.float() / temperature, -1).gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
+        if lean_BC is None or lean_BC.shape != mask.shape:
             ok = False
         else:
-            eps = torch.finfo(logits_BCV.dtype).eps if logits_BCV.dtype in (torch.float16, torch.bfloat16) else 1e-4
-            scale = 1 + logits_BCV.float().abs().amax(-1) / temperature  # (B, C)
-            ok = bool(((lean_BC - full).abs() <= 4 * eps * scale)[mask].all())
+            eps = torch.finfo(logits_NV.dtype).eps if logits_NV.dtype in (torch.float16, torch.bfloat16) else 1e-4
+            scale = 1 + logits_NV.float().abs().amax(-1) / temperature  # (N,)
+            ok = bool(((lean_BC[mask] - full).abs() <= 4 * eps * scale).all())
     if not ok:
         warnings.warn(f"{type(model).__name__}: the chunked log-probabilities do not match the model's logits "
                       "(it post-processes them); using full logits for this model", stacklevel=3)
     _VERIFIED[head] = ok
 
 
-def _forward(model, kwargs: dict, keep: int) -> Tensor:
-    return forward_keeping_logits(model, keep, **kwargs).logits
+def _forward(model, layout: _Layout) -> Tensor:
+    return forward_keeping_logits(model, layout.keep, **layout.kwargs).logits
 
 
 def lean_head(model) -> nn.Linear | None:
     """The output layer if the chunked path can stand in for it: exactly an nn.Linear (a PEFT
     or quantized layer is not, and keeps the full-logits path) of a model that does not rescale
     or cap its logits afterwards."""
-    inner = model.module if hasattr(model, "module") else model  # DDP
+    inner = _inner(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
     configs = [config]
@@ -124,15 +226,13 @@ _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logits_soft_cap", "logit_sc
 
 
 @contextlib.contextmanager
-def _head_returns_logprobs(head: nn.Linear, completion_ids: Tensor, completion_mask: Tensor, temperature: float,
-                           chunk_size: int, with_entropy: bool, *, shadow: bool = False):
+def _head_returns_logprobs(head: nn.Linear, select: Callable[[Tensor], Tensor], targets_N: Tensor, mask: Tensor,
+                           temperature: float, chunk_size: int, with_entropy: bool, *, shadow: bool = False):
     """Within the block, calling `head` (as the model's forward does) computes the completion
     tokens' log-probabilities into the yielded dict instead of returning logits. The forward
     runs inside the head's own call, so wrappers that gather sharded weights around it work.
     With `shadow`, it computes them without gradient and returns the real logits as well."""
     out: dict[str, Tensor | None] = {"logp": None, "entropy": None}
-    C = completion_ids.shape[1]
-    mask = completion_mask.bool()
 
     def forward(hidden: Tensor) -> Tensor:
         if shadow:
@@ -142,13 +242,12 @@ def _head_returns_logprobs(head: nn.Linear, completion_ids: Tensor, completion_m
         return compute(hidden)
 
     def compute(hidden: Tensor) -> Tensor:
-        hidden_BCH = hidden[:, -(C + 1):-1]  # position p predicts token p + 1
-        flat = token_logprobs(hidden_BCH[mask], head.weight, completion_ids[mask], chunk_size=chunk_size,
+        flat = token_logprobs(select(hidden), head.weight, targets_N, chunk_size=chunk_size,
                               return_entropy=with_entropy, bias=head.bias, temperature=temperature)
         logp, entropy = flat if with_entropy else (flat, None)
-        out["logp"] = logp_BC = hidden.new_zeros(mask.shape, dtype=logp.dtype).masked_scatter(mask, logp)
+        out["logp"] = logp_BC = _scatter(mask, logp)
         if entropy is not None:
-            out["entropy"] = torch.zeros_like(logp_BC).masked_scatter(mask, entropy.detach())
+            out["entropy"] = _scatter(mask, entropy.detach())
         return logp_BC
 
     head.forward = forward

@@ -135,7 +135,8 @@ def decode(tokenizer, rollout: Rollout, conversational: bool) -> tuple[list, lis
 
 
 @torch.no_grad()
-def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int, chunk_size: int = 0) -> Tensor:
+def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_size: int, chunk_size: int = 0,
+                     padding_free: bool = False) -> Tensor:
     """(N, C) log-probabilities of the rollout's completions, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
@@ -143,7 +144,8 @@ def batched_logprobs(model, rollout: Rollout, temperature: float, micro_batch_si
     for start in range(0, len(rollout), micro_batch_size):
         part = rollout.select(list(range(start, min(start + micro_batch_size, len(rollout)))))
         logp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                      part.completion_mask, temperature, chunk_size=chunk_size)
+                                      part.completion_mask, temperature, chunk_size=chunk_size,
+                                      padding_free=padding_free)
         parts.append(logp)
     model.train(was_training)
     return torch.cat(parts)

@@ -11,6 +11,8 @@ instead of G and one decoding batch instead of one per group.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -51,7 +53,7 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
     # Prefill: one pass per prompt, not per sample.
     out = forward_keeping_logits(model, 1, input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                  use_cache=True)
-    cache = out.past_key_values
+    cache = _returned_cache(out)
     if not _expandable(cache):
         return None
     if G > 1:
@@ -60,6 +62,7 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
     mask = mask.repeat_interleave(G, dim=0)
     next_position = positions[:, -1:].repeat_interleave(G, dim=0) + 1
 
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     generators = None
     if temperature > 0:
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
@@ -82,10 +85,16 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
             break
         mask = torch.cat([mask, mask.new_ones(B * G, 1)], dim=1)
         out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+                    use_cache=True, **{cache_name: cache})
+        cache, logits = _returned_cache(out), out.logits[:, -1]
         next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
+
+
+def _returned_cache(out):
+    """The model output's KV cache: transformers 5.24 renamed `past_key_values` to `cache` (the
+    old name warns, and goes in 5.40); earlier versions only have the old one."""
+    return out["cache"] if "cache" in out.keys() else out.past_key_values
 
 
 def _expandable(cache) -> bool:

@@ -180,10 +180,10 @@ class Trainer:
                 rollout.old_logprobs = rollout.sampling_logprobs if cfg.use_rollout_logprobs else None
                 if rollout.old_logprobs is None:  # asked for, or a model the shared sampler cannot serve
                     rollout.old_logprobs = batched_logprobs(policy, rollout, cfg.temperature, cfg.micro_batch_size,
-                                                            cfg.logprob_chunk_size)
+                                                            cfg.logprob_chunk_size, cfg.padding_free)
             if self.ref_model is not None:
                 rollout.ref_logprobs = batched_logprobs(self.ref_model, rollout, cfg.temperature,
-                                                        cfg.micro_batch_size, cfg.logprob_chunk_size)
+                                                        cfg.micro_batch_size, cfg.logprob_chunk_size, cfg.padding_free)
         return rollout
 
     def _score(self, prompts: PromptSet, rollout: Rollout, step: int) -> StepRewards:

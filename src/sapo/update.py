@@ -103,7 +103,8 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
                     part = rollout.select(idx)
                     logp, entropy = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                         part.completion_mask, config.temperature, with_entropy=True,
-                                                        chunk_size=config.logprob_chunk_size)
+                                                        chunk_size=config.logprob_chunk_size,
+                                                        padding_free=config.padding_free)
                     # With one minibatch and one pass the policy has not moved since the rollout:
                     # pi_old is pi_theta and its separate forward pass was skipped.
                     old = logp.detach() if part.old_logprobs is None else part.old_logprobs
