@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,38 +71,31 @@ def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, c
                             key=lambda plan: len(plan[0]) * max(plan[1]))
     if len(rows) * max(used) >= B * (P + C):
         return None  # no smaller than the padded layout
-    device = prompt_ids.device
-    R, L = len(rows), max(used)
-    row_of = torch.empty(B, dtype=torch.long)
+    # Built as lists, then one tensor each: a few hundred Python steps cost less than dozens of
+    # small indexing kernels.
+    L = max(used)
+    completions = completion_ids.tolist()
+    input_ids, position_ids, segments = [], [], []
+    row_of = [0] * B
     for r, samples in enumerate(rows):
-        row_of[samples] = r
-    row_of, start_B = row_of.to(device), torch.tensor(start, device=device)
-    p_len_B = torch.tensor(p_len, device=device)
-    input_ids = torch.full((R, L), pad_token_id, dtype=prompt_ids.dtype, device=device)
-    position_ids = torch.zeros(R, L, dtype=torch.long, device=device)
-    segments = torch.full((R, L), PADDING, dtype=torch.long, device=device)
-
-    # Prompts: each row's first sample writes its prompt at columns 0 .. p - 1.
-    first = torch.tensor([samples[0] for samples in rows], device=device)
-    prompt_cols = pmask[first].long().cumsum(1) - 1  # (R, P)
-    r_idx = torch.arange(R, device=device).unsqueeze(1).expand(R, P)
-    keep = pmask[first]
-    input_ids[r_idx[keep], prompt_cols[keep]] = prompt_ids[first][keep]
-    position_ids[r_idx[keep], prompt_cols[keep]] = prompt_cols[keep]
-    segments[r_idx[keep], prompt_cols[keep]] = PROMPT
-
-    # Completions: sample b's token t at column start[b] + t, position p_len[b] + t.
-    t_C = torch.arange(C, device=device)
-    comp_rows = row_of.unsqueeze(1).expand(B, C)[cmask]
-    comp_cols = (start_B.unsqueeze(1) + t_C)[cmask]
-    input_ids[comp_rows, comp_cols] = completion_ids[cmask]
-    position_ids[comp_rows, comp_cols] = (p_len_B.unsqueeze(1) + t_C).expand(B, C)[cmask]
-    segments[comp_rows, comp_cols] = torch.arange(B, device=device).unsqueeze(1).expand(B, C)[cmask]
-
-    # Token t is predicted by the position before it: the prompt's last token for t = 0.
-    pred_cols = torch.where(t_C == 0, (p_len_B - 1).unsqueeze(1), start_B.unsqueeze(1) + t_C - 1)
-    return PackedRows(input_ids, position_ids, segments, comp_rows, pred_cols[cmask],
-                      shared=any(len(samples) > 1 for samples in rows))
+        prompt = keys[samples[0]]
+        ids, pos, seg = list(prompt), list(range(len(prompt))), [PROMPT] * len(prompt)
+        for b in samples:
+            row_of[b] = r
+            ids += completions[b][:c_len[b]]
+            pos += range(p_len[b], p_len[b] + c_len[b])
+            seg += [b] * c_len[b]
+        pad = L - len(ids)
+        input_ids.append(ids + [pad_token_id] * pad)
+        position_ids.append(pos + [0] * pad)
+        segments.append(seg + [PADDING] * pad)
+    # Token t of a completion is predicted by the position before it: the prompt's last for t = 0.
+    rows_N = [row_of[b] for b in range(B) for _ in range(c_len[b])]
+    cols_N = [p_len[b] - 1 if t == 0 else start[b] + t - 1 for b in range(B) for t in range(c_len[b])]
+    # (numpy turns nested lists into an array several times faster than torch.tensor does)
+    as_tensor = lambda x: torch.from_numpy(np.array(x, dtype=np.int64)).to(prompt_ids.device)  # noqa: E731
+    return PackedRows(as_tensor(input_ids).to(prompt_ids.dtype), as_tensor(position_ids), as_tensor(segments),
+                      as_tensor(rows_N), as_tensor(cols_N), shared=any(len(samples) > 1 for samples in rows))
 
 
 def _fill_rows(keys: list[tuple[int, ...]], p_len: list[int], c_len: list[int],
