@@ -109,7 +109,8 @@ def _packing_verified(model, usual: _Layout, packed: _Layout, shared: bool, comp
     autocast) and compare them; a mismatch (a model that does not honour the block mask) turns
     the layout off for the model, with a warning. The check runs the unwrapped model: a DDP
     wrapper's forward would take part in collectives that other processes, checking at other
-    calls, do not join."""
+    calls, do not join. (Under FSDP every forward is collective: there, every process must
+    reach the check at the same calls, or use padding_free=False.)"""
     inner = _inner(model)
     verdict = _PACKING_VERIFIED.get(inner)
     if isinstance(verdict, bool) or (verdict == "unshared" and not shared):
