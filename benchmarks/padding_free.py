@@ -67,7 +67,7 @@ def long_minibatches(prompts=8, G=8, P=128, shortest=16, longest=512, num_miniba
 
 
 def compare(name: str, model, minibatches, repeats: int) -> None:
-    from sapo.logprobs import completion_logprobs
+    from sapo.logprobs import _PACKING_VERIFIED, completion_logprobs
     from sapo.packing import pack_rows
 
     model.train()
@@ -80,6 +80,8 @@ def compare(name: str, model, minibatches, repeats: int) -> None:
 
     for padding_free in (False, True):  # warm-up, and the padding-free layout's one-time check
         step(minibatches[0], padding_free)
+    if _PACKING_VERIFIED.get(model) is not True:  # else both timings would be of padded rows
+        raise SystemExit(f"{name}: the model did not take padding-free rows (check: {_PACKING_VERIFIED.get(model)})")
     times = {False: [], True: []}
     for _ in range(repeats):
         for padding_free in (False, True):

@@ -142,7 +142,7 @@ def test_the_check_waits_for_rows_that_share_a_prompt():
     assert _PACKING_VERIFIED[model] is True
 
 
-def test_a_model_that_ignores_the_block_mask_keeps_padded_rows():
+def test_a_model_that_ignores_the_block_mask_keeps_padded_rows(monkeypatch):
     tok = char_tokenizer()
     model = tiny_causal_lm(tok, hidden_size=32)
 
@@ -162,7 +162,12 @@ def test_a_model_that_ignores_the_block_mask_keeps_padded_rows():
         got, _ = completion_logprobs(wrapper, *data, 1.0, padding_free=True)
     assert _PACKING_VERIFIED[wrapper] is False
     torch.testing.assert_close(got, want)
+    import sapo.logprobs
+
+    built = []
+    monkeypatch.setattr(sapo.logprobs, "pack_rows", lambda *a, **k: built.append(1) or pack_rows(*a, **k))
     torch.testing.assert_close(completion_logprobs(wrapper, *data, 1.0, padding_free=True)[0], want)
+    assert built == []  # padded rows straight away: no rows built, nothing checked again
 
 
 def test_models_whose_own_mask_the_block_mask_would_replace_keep_padded_rows():
@@ -173,7 +178,45 @@ def test_models_whose_own_mask_the_block_mask_would_replace_keep_padded_rows():
     sliding.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
     completion_logprobs(sliding, *data, 1.0, padding_free=True)
     assert seen == [(6, P + C)] and sliding not in _PACKING_VERIFIED
-    flash = tiny_causal_lm(tok, hidden_size=32)
-    assert _packed_layout(flash, *data) is not None
-    flash.config._attn_implementation = "flash_attention_2"  # takes no 4D mask
-    assert _packed_layout(flash, *data) is None
+    model = tiny_causal_lm(tok, hidden_size=32)
+    assert _packed_layout(model, *data) is not None
+    for setting, value in (("attention_chunk_size", 8), ("layer_types", ["full_attention", "linear_attention"]),
+                           ("_attn_implementation", "flash_attention_2")):  # Llama 4, Qwen3-Next, no 4D mask
+        other = tiny_causal_lm(tok, hidden_size=32)
+        setattr(other.config, setting, value)
+        assert _packed_layout(other, *data) is None, setting
+
+
+def test_row_padding_does_not_use_the_configs_pad_token():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    model.config.pad_token_id = -1  # as some converted LLaMA checkpoints ship it
+    data = shared_batch(len(tok))
+    want, _ = completion_logprobs(model, *data, 1.0)
+    torch.testing.assert_close(completion_logprobs(model, *data, 1.0, padding_free=True)[0], want)
+    assert _PACKING_VERIFIED[model] is True
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_check_sees_through_accelerates_mixed_precision(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    tok = char_tokenizer()
+    # bf16 rounding differs between the two layouts by more than a float32 comparison allows
+    # (about 2e-3 at this size): the check must compute in the weights' float32.
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = accelerator.prepare(tiny_causal_lm(tok, hidden_size=128))
+    assert "forward" in vars(model)  # accelerate's autocast wrapper
+    wrapper = model.forward
+    data = shared_batch(len(tok))
+    with accelerator.autocast():
+        completion_logprobs(model, *data, 1.0, padding_free=True)
+    assert _PACKING_VERIFIED[model] is True and model.forward == wrapper

@@ -129,8 +129,9 @@ class TrainConfig:
     a row holds a prompt once, then the completions of its samples in the micro-batch, with a
     block attention mask; rows are at most two padded rows long, and used only where they
     compute fewer tokens than padded rows. Same values up to rounding. Models that cannot take
-    the mask (attention other than sdpa/eager, a sliding window, or values that differ from
-    padded rows at the first check) keep padded rows."""
+    the mask (attention other than sdpa/eager, layers that attend locally: sliding windows,
+    chunked or linear attention; or values that differ from padded rows at the first check)
+    keep padded rows."""
     max_num_seqs: int = 0
     """Most sequences sampled in one decoding batch (vLLM's and verl's max_num_seqs), rounded
     down to whole groups but at least one group; 0: the whole rollout batch at once. Lower it

@@ -33,7 +33,9 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     The entropy (B, C), if asked, carries no gradient. Padding positions hold 0.
     """
     layout = _padded_layout(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    packed = _packed_layout(model, prompt_ids, prompt_mask, completion_ids, completion_mask) if padding_free else None
+    packed = None
+    if padding_free and _PACKING_VERIFIED.get(_inner(model)) is not False:
+        packed = _packed_layout(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     if packed is not None and _packing_verified(model, layout, *packed, completion_ids, completion_mask,
                                                 temperature, chunk_size):
         layout = packed[0]
@@ -64,11 +66,9 @@ def _packed_layout(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_id
     model or batch)."""
     config = getattr(_inner(model), "config", None)
     implementation = getattr(config, "_attn_implementation", None)
-    if implementation not in _MASK_DTYPE or _has_sliding_window(config):
+    if implementation not in _MASK_DTYPE or _has_local_attention(config):
         return None
-    pad = getattr(config, "pad_token_id", None)
-    rows = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                     pad_token_id=pad if isinstance(pad, int) else 0)
+    rows = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)  # pads with token 0, never attended
     if rows is None:
         return None
     L = rows.input_ids.shape[1]
@@ -82,14 +82,19 @@ def _packed_layout(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_id
 _MASK_DTYPE = {"sdpa": None, "eager": torch.float32}
 
 
-def _has_sliding_window(config) -> bool:
-    """A custom mask replaces the model's own, sliding windows included: such models keep the usual layout."""
+def _has_local_attention(config) -> bool:
+    """A custom mask replaces the model's own: models whose layers do not all attend to the whole
+    prefix (sliding windows, chunked attention as in Llama 4, linear-attention or SSM layers)
+    keep the usual layout."""
     configs = [config]
     try:
         configs.append(config.get_text_config(decoder=True))
     except Exception:  # noqa: BLE001 - no separate text config
         pass
-    return any(getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True) for c in configs)
+    return any((getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True))
+               or getattr(c, "attention_chunk_size", None)
+               or any(kind != "full_attention" for kind in getattr(c, "layer_types", None) or ())
+               for c in configs)
 
 
 def _inner(model):
@@ -118,7 +123,7 @@ def _packing_verified(model, usual: _Layout, packed: _Layout, shared: bool, comp
     mask = completion_mask.bool()
     if not mask.any():
         return True  # nothing to compare; the values are all 0 either way
-    with torch.no_grad(), torch.autocast(completion_ids.device.type, enabled=False):
+    with _in_weights_dtype(inner):
         expected, got = (_logprobs(inner, layout, completion_ids, completion_mask, temperature, False, chunk_size)[0]
                          for layout in (usual, packed))
     dtype = next(inner.parameters()).dtype
@@ -129,6 +134,22 @@ def _packing_verified(model, usual: _Layout, packed: _Layout, shared: bool, comp
                       stacklevel=3)
     _PACKING_VERIFIED[inner] = ok and ("unshared" if not shared else True)
     return ok
+
+
+@contextlib.contextmanager
+def _in_weights_dtype(model):
+    """No gradient and no autocast, including the autocast that accelerate's mixed precision
+    wraps around the model's forward (keeping the original as `_original_forward`): in bfloat16
+    the two layouts differ by rounding far above what a float32 comparison allows."""
+    wrapped, original = vars(model).get("forward"), getattr(model, "_original_forward", None)
+    if wrapped is not None and original is not None:
+        model.forward = original
+    try:
+        with torch.no_grad(), torch.autocast(next(model.parameters()).device.type, enabled=False):
+            yield
+    finally:
+        if wrapped is not None and original is not None:
+            model.forward = wrapped
 
 
 def _logprobs(model, layout: _Layout, completion_ids: Tensor, completion_mask: Tensor, temperature: float,

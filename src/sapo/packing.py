@@ -7,9 +7,12 @@ that share it, back to back, and no padding between them; a block attention mask
 completion token see its prompt and the earlier tokens of its own completion only, and position
 ids restart each completion where its prompt ends. Every token then has the same context and
 position as in the usual layout, so the log-probabilities are the same up to rounding, but the
-prompt is computed once per row and padding is not computed at all. A row is never longer than
-the usual row (P + C), so attention per row costs no more than before; a prompt whose samples do
-not fit in one row gets another row.
+prompt is computed once per row and padding is not computed at all.
+
+A row holds at most one or two usual rows' worth of columns (P + C or 2 (P + C), whichever
+layout has fewer cells); a prompt whose samples do not fit gets another row. Attention, which
+grows with the square of a row's length, then costs at most twice the usual layout's; the
+layout is used only where it has fewer cells than the usual one.
 """
 
 from __future__ import annotations
