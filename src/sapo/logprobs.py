@@ -68,7 +68,7 @@ def _packed_layout(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_id
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in _MASK_DTYPE or _has_local_attention(config):
         return None
-    rows = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)  # pads with token 0, never attended
+    rows = pack_rows(prompt_ids, prompt_mask, completion_ids, completion_mask)
     if rows is None:
         return None
     L = rows.input_ids.shape[1]

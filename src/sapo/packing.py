@@ -56,8 +56,8 @@ class PackedRows:
             ~allowed, torch.finfo(additive_dtype).min)
 
 
-def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-              pad_token_id: int = 0) -> PackedRows | None:
+def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
+              completion_mask: Tensor) -> PackedRows | None:
     """The padding-free rows of a batch of left-padded prompts (B, P) and right-padded
     completions (B, C). Samples share a row when their prompts are the same tokens. None where
     the usual layout is as small (no padding to drop, no prompt to share), and for an empty
@@ -89,7 +89,7 @@ def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, c
             pos += range(p_len[b], p_len[b] + c_len[b])
             seg += [b] * c_len[b]
         pad = L - len(ids)
-        input_ids.append(ids + [pad_token_id] * pad)
+        input_ids.append(ids + [0] * pad)  # any id in the vocabulary: padding is never attended
         position_ids.append(pos + [0] * pad)
         segments.append(seg + [PADDING] * pad)
     # Token t of a completion is predicted by the position before it: the prompt's last for t = 0.
