@@ -4,6 +4,7 @@ reward 0 while the test (trainer) process is unharmed."""
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -72,6 +73,115 @@ def test_output_must_match_whole():
     assert extract_program("no fence") is None
 
 
+def test_functional_tests_compare_the_returned_value_outside_the_program(reward):
+    # The program's own prints, and a main block that would read stdin, do not disturb the result.
+    noisy = ("def f(x):\n    print('3', flush=True)\n    return {'a': [x, None]}\n"
+             "if __name__ == '__main__':\n    input()\n")
+    cases = [  # (body of f, expected, score): True is not 1, floats within 1e-9, tuples count as lists
+        ("return True", 1, 0.0), ("return 1", True, 0.0), ("return 0", False, 0.0), ("return 0.1 + 0.2", 0.3, 1.0),
+        ("return 3.0", 3, 1.0), ("return 0.3001", 0.3, 0.0), ("return (x, 2)", [1, 2], 1.0), ("return None", None, 1.0),
+        ("return {x}", [1], 0.0), ("return [x]", [1, 2], 0.0), ("return str(x)", 1, 0.0),
+        # An integer answer is exact: near-misses that a float tolerance would let through.
+        ("return float(10**12 + 1)", 10**12, 0.0), ("return 1000000005.0", 1000000004, 0.0),
+        ("return 1e30", 10**30 + 12345, 0.0), ("return 1e-13", 0, 0.0), ("return 7.5", 7, 0.0),
+        ("return 1e15", 10**15, 1.0),
+    ]
+    completions = [fenced(noisy)] + [fenced(f"def f(x):\n    {body}") for body, _, _ in cases]
+    tests = [[{"fn_name": "f", "inputs": [1], "output": {"a": [1, None]}}]] + [
+        [{"fn_name": "f", "inputs": [1], "output": expected}] for _, expected, _ in cases]
+    assert reward([""] * len(tests), completions, tests) == [1.0] + [score for _, _, score in cases]
+
+
+def test_livecodebench_tests_and_solution_classes(reward):
+    # LiveCodeBench keeps the function's name in the row's metadata ('func_name'); a converted
+    # test carries it as 'fn_name', the rest as LiveCodeBench writes it.
+    leetcode = "class Solution:\n    def maxSum(self, nums, k):\n        return sum(sorted(nums)[-k:])"
+    functional = [{"input": "[2, 7, 1]\n2", "output": "9", "testtype": "functional", "fn_name": "maxSum"},
+                  {"input": "[5]\n1", "output": "5", "testtype": "functional", "fn_name": "maxSum"}]
+    stdin = [{"input": "2 7\n", "output": "9\n", "testtype": "stdin"}]
+    got = reward([""] * 3, [fenced(leetcode), fenced(leetcode.replace("[-k:]", "[:k]")),
+                            fenced("print(sum(map(int, input().split())))")], [functional, functional, stdin])
+    assert got == [1.0, 0.5, 1.0]
+
+
+def test_assert_snippets_are_checked_outside_the_program(reward):
+    # Converted to calls: the literal stays in the trainer, tuple arguments stay tuples, and the
+    # comparison is the type-aware one (a True does not pass `== 1`).
+    program = fenced("def join(a, b):\n    return a + tuple(b)\ndef one():\n    return True")
+    tests = ["assert join((1, 2), [3]) == (1, 2, 3)", "assert (4,) == join((), [4]), 'message'", "assert one() == 1"]
+    assert reward([""], [program], [tests]) == [2 / 3]
+
+
+BAD_TESTS = {
+    "input null": ({"input": None, "output": "1"}, r"'input' must be a string.*null.*'' for no input"),
+    "output null": ({"input": "", "output": None}, r"'output' must be a string.*null"),
+    "output not text": ({"input": "", "output": 6}, r"'output' must be a string.*'6'.*fn_name"),
+    "misspelt key": ({"input": "", "ouput": "1"}, r"unknown field\(s\) \['ouput'\]"),
+    "inputs not a list": ({"fn_name": "f", "inputs": 3, "output": 1}, r"'inputs' must be a list"),
+    "no fn_name": ({"testtype": "functional", "input": "1", "output": "1"}, r"needs 'fn_name'.*func_name"),
+    "bad JSON lines": ({"testtype": "functional", "fn_name": "f", "input": "{x", "output": "1"}, r"one JSON value per line"),
+    "unknown testtype": ({"testtype": "batch", "input": "", "output": "1"}, r"'testtype' must be 'stdin' or 'functional'"),
+    "expected a set": ({"fn_name": "f", "inputs": [1], "output": {1, 2}}, r"expected value.*a set"),
+    "NaN argument": ({"fn_name": "f", "inputs": [float("nan")], "output": 1}, r"arguments.*NaN"),
+    "not a dict": (42, r"is a int; a test is a dict"),
+    "other comparison": ("assert add(1, 2) > 2", r"not of the form `assert NAME\(literal, ...\) == literal`.*fn_name"),
+    "non-literal argument": ("assert add(x, 2) == 3", r"must be literals"),
+    "two asserts": ("assert add(1, 2) == 3\nassert add(2, 2) == 4", r"one assert per test"),
+    "keyword argument": ("assert add(1, b=2) == 3", r"not of the form"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TESTS))
+def test_malformed_tests_are_refused_naming_the_row_and_field(reward, name):
+    bad, message = BAD_TESTS[name]
+    with pytest.raises(ValueError, match=r"test 1 of completion 1\b.*" + message):
+        reward([""] * 2, [fenced("print(1)")] * 2, [[], [{"input": "", "output": "1"}, bad]])
+
+
+def test_timeouts_are_counted():
+    limits = Limits(wall_seconds=1.0, cpu_seconds=5, memory_bytes=512 << 20, file_bytes=1 << 20, processes=64,
+                    output_bytes=1 << 16)
+    runner = CodeRunner(Sandbox(limits))
+    slow = fenced("import time\ndef f():\n    time.sleep(3)\n    return 1\ntime.sleep(3)")
+    got = code_tests_reward(runner=runner)([""] * 3, [slow, slow, fenced("def f():\n    return 1")],
+                                           [[{"input": "", "output": "1"}], [{"fn_name": "f", "inputs": [], "output": 1}],
+                                            [{"fn_name": "f", "inputs": [], "output": 1}]])
+    assert got == [0.0, 0.0, 1.0]
+    assert runner.metrics() == {"infra_errors": 0.0, "timeouts": 2.0}
+    assert runner.metrics() == {"infra_errors": 0.0, "timeouts": 0.0}  # counts since the last call
+
+
+def test_parallelism_never_exceeds_the_core_count(monkeypatch):
+    from sapo.rewards.sandbox import Result
+
+    class Counting:
+        def __init__(self):
+            self.now = self.most = 0
+            self.lock = threading.Lock()
+
+        def run_python(self, program, stdin=""):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(0.05)
+            with self.lock:
+                self.now -= 1
+            return Result("ok", 0, "1\n", "")
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    sandbox = Counting()
+    runner = CodeRunner(sandbox, parallel=8)
+    assert runner.parallel == 3 and CodeRunner(sandbox).parallel == 3
+    # Two callers at once (two rewards sharing the runner) share the cap too.
+    callers = [threading.Thread(target=runner.score, args=(["print(1)"] * 12, [[{"input": "", "output": "1"}]] * 12),
+                                kwargs={"all_or_nothing": False}) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert sandbox.most == 3
+
+
 HOSTILE = {
     "infinite loop": "while True:\n    pass",
     "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
@@ -134,6 +244,7 @@ def test_training_with_code_rewards(base_config, tmp_path):
                                               "reward_funcs": ["code_tests"], "max_steps": 1}))
     history = trainer.train()
     assert history[0]["rewards/code_tests/infra_errors"] == 0.0 and history[0]["rewards/code_tests/mean"] == 0.0
+    assert history[0]["rewards/code_tests/timeouts"] == 0.0
 
 
 def test_without_bubblewrap_the_run_refuses_to_start_unless_allowed(base_config, tmp_path, monkeypatch, recwarn):
