@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 import sapo
-from sapo.checkpoint import list_checkpoints
+from sapo.checkpoint import CheckpointError, list_checkpoints
 
 
 def test_a_crash_while_saving_leaves_the_last_checkpoint_intact(base_config, monkeypatch):
@@ -15,11 +15,12 @@ def test_a_crash_while_saving_leaves_the_last_checkpoint_intact(base_config, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(trainer.tokenizer, "save_pretrained", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="checkpoint-1: disk full; checkpoint-1 is intact"):
         trainer.save(1)  # overwrite attempt of the same step
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="checkpoint-2: disk full; checkpoint-1 is intact"):
         trainer.save(2)
     assert list_checkpoints(out) == [out / "checkpoint-1"]
+    assert not [p.name for p in out.iterdir() if "tmp" in p.name]  # the temporary directory is removed
     assert (out / "checkpoint-1" / "model.safetensors").read_bytes() == good
     resumed = sapo.Trainer(sapo.TrainConfig(**{**base_config, "max_steps": 2, "resume_from_checkpoint": "latest"}))
     assert resumed.start_step == 1
@@ -104,6 +105,7 @@ def test_resume_from_another_working_directory_or_a_moved_project(base_config, w
                 "reward_funcs": [f"{workdir / 'rewards.py'}:first_char_parity"]}
     resumed = sapo.Trainer(sapo.TrainConfig(**{**absolute, "max_steps": 2, "resume_from_checkpoint": "latest"}))
     assert resumed.start_step == 1
+    resumed.logger.close()  # an untrained Trainer holds output_dir's lock until then
     # Another file of the same name elsewhere is another run.
     (tmp_path / "data.jsonl").write_text((workdir / "data.jsonl").read_text())
     with pytest.raises(sapo.ConfigError, match=r"other settings \(dataset: 'data.jsonl' -> '/"):

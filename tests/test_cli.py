@@ -25,7 +25,8 @@ def test_losses_lists_every_registered_name():
 
 
 def sapo_train(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sapo", "train", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "sapo", "train", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, check=False)
 
 
 def test_help_config_lists_every_field():
@@ -175,3 +176,63 @@ def test_experiment_and_plot_options_are_checked_before_anything_runs(tmp_path, 
         assert main([*argv, "--out", str(tmp_path / "runs")] if argv[0] != "plot" else argv) == 2, argv
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "runs").exists()
+
+
+def assert_one_error_line(result, message):
+    """No traceback; the error is the last line of stderr (above it: progress bars of loading)."""
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and lines[-1].startswith("sapo train: error: "), result.stderr[-2000:]
+    assert message in lines[-1] and sum("error" in line for line in lines) == 1, (message, result.stderr[-2000:])
+
+
+def test_damaged_models_and_unusable_output_dirs_are_one_line_naming_the_file(workdir, tmp_path):
+    import shutil
+
+    common = [f"dataset={workdir / 'data.jsonl'}", "reward_funcs=exact_match", "max_steps=1", "num_generations=2",
+              "prompts_per_step=2", "max_completion_length=4", "num_minibatches=1"]
+    truncated, garbage = tmp_path / "truncated", tmp_path / "garbage"
+    for copy in (truncated, garbage):
+        shutil.copytree(workdir / "model", copy)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    (garbage / "config.json").write_text('{"model_type": "qwen2",')
+    (tmp_path / "a-file").write_text("not a directory")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)],
+                             capture_output=True, timeout=30, check=False).returncode == 0
+    cases = [
+        ([f"model={truncated}", f"output_dir={tmp_path / 'o1'}"], f"{weights} is truncated or corrupt"),
+        ([f"model={garbage}", f"output_dir={tmp_path / 'o2'}"], f"{garbage / 'config.json'} is not valid JSON"),
+        ([f"model={workdir / 'model'}", f"output_dir={tmp_path / 'a-file' / 'run'}"],
+         f"output_dir={str(tmp_path / 'a-file' / 'run')!r} cannot be used: Not a directory"),
+    ]
+    if mounted:  # root ignores permission bits; a read-only mount stops it too
+        cases.append(([f"model={workdir / 'model'}", f"output_dir={read_only / 'run'}"],
+                      f"output_dir={str(read_only / 'run')!r} cannot be used: Read-only file system"))
+    try:
+        for args, message in cases:
+            result = sapo_train(*common, *args)
+            assert result.returncode == 2, (args, result.stderr[-2000:])
+            assert_one_error_line(result, message)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(read_only)], timeout=30, check=False)
+    assert not (tmp_path / "o1").exists() or not any((tmp_path / "o1").glob("checkpoint-*"))
+
+
+def test_a_garbage_config_json_in_the_checkpoint_being_resumed_is_one_line(workdir, tmp_path):
+    run = [f"model={workdir / 'model'}", f"dataset={workdir / 'data.jsonl'}", "reward_funcs=exact_match",
+           "num_generations=2", "prompts_per_step=2", "max_completion_length=4", "num_minibatches=1", "save_steps=1",
+           f"output_dir={tmp_path / 'run'}"]
+    result = sapo_train(*run, "max_steps=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (tmp_path / "run" / "checkpoint-2" / "config.json").write_text("garbage")
+    result = sapo_train(*run, "max_steps=3", "resume_from_checkpoint=latest")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert_one_error_line(result, f"{tmp_path / 'run' / 'checkpoint-2' / 'config.json'} has 7 bytes")
+    assert "with resume_from_checkpoint=latest_valid" in result.stderr
+    result = sapo_train(*run, "max_steps=3", "resume_from_checkpoint=latest_valid")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: resume_from_checkpoint=latest_valid: skipped checkpoint-2" in result.stderr
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()] == [1, 2, 3]

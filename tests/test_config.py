@@ -139,3 +139,23 @@ def test_trl_loss_types_that_are_aggregations_here(tmp_path):
     with pytest.raises(ConfigError, match=r"loss_type='dr_grpo' is TRL's name for an aggregation; here it is "
                                           r"loss_type=grpo aggregation=seq-mean-token-sum-norm scale_rewards=none"):
         valid(tmp_path, loss_type="dr_grpo").validate()
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("max_steps: 1\nloss_type: grpo\nmax_steps: 2\n", "max_steps", "1 and 3"),
+    ("task_kwargs:\n  digits: 2\n  digits: 3\n", "digits", "2 and 3"),
+])
+def test_a_key_given_twice_in_yaml_is_named(tmp_path, text, key, lines):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"run.yaml': key '{key}' is given twice \(lines {lines}\); keep one"):
+        TrainConfig.from_sources(path)
+
+
+def test_yaml_merge_keys_and_unhashable_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task_kwargs:\n  <<: {digits: 2, operands: 3}\n  digits: 4\n")  # overriding a merged key is fine
+    assert TrainConfig.from_sources(path).task_kwargs == {"digits": 4, "operands": 3}
+    path.write_text("? [1]\n: 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML: .*found unhashable key"):
+        TrainConfig.from_sources(path)

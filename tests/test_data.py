@@ -62,3 +62,54 @@ def test_the_config_knows_the_dataset_file_suffixes():
     from sapo.data import FILE_FORMATS
 
     assert set(FILE_FORMATS) == set(DATA_SUFFIXES)
+
+
+@pytest.mark.parametrize("name,content", [("blank.jsonl", "\n \n\n"), ("list.json", "[]"), ("object.json", "{ }")])
+def test_a_file_of_zero_rows_says_so(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ConfigError, match=rf"^dataset file '.*{name}' has no rows \(it parses to zero records\)"):
+        load_rows(str(tmp_path / name))
+
+
+def test_a_parquet_file_of_zero_rows_says_so(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    with pytest.raises(ConfigError, match="eval_dataset file .* has no rows"):
+        load_rows(str(tmp_path / "empty.parquet"), field="eval_dataset")
+
+
+@pytest.mark.parametrize("task,options,message", [
+    ("arithmetic", {"digits": 1000000}, r"^arithmetic: task_kwargs.digits must be an integer from 1 to 40, got 1000000"),
+    ("arithmetic", {"digits": "3"}, r"task_kwargs.digits must be an integer from 1 to 40, got '3'"),
+    ("arithmetic", {"operands": True}, r"task_kwargs.operands must be an integer from 2 to 50, got True"),
+    ("arithmetic", {"ops": 3}, r"task_kwargs.ops must be made of '\+' and '-'"),
+    ("arithmetic", {"test_size": 0}, r"task_kwargs.test_size must be an integer from 1 to 1000000"),
+    ("countdown", {"max_number": 10**6}, r"^countdown: task_kwargs.max_number must be an integer from 1 to 100"),
+    ("countdown", {"numbers": 3}, r"^task_kwargs: task 'countdown' has no option 'numbers' \(options: seed, operands"),
+])
+def test_task_options_out_of_range_get_the_tasks_own_message(task, options, message):
+    with pytest.raises(ConfigError, match=message):
+        load_rows(task, task_kwargs=options)
+
+
+def test_a_registered_task_takes_the_options_its_loader_declares():
+    from sapo.tasks import TASKS, Task, register_task
+
+    def plain(split, seed=0, size=3):
+        return [{"prompt": f"{split}-{seed}-{i}"} for i in range(size)]
+
+    def anything(split, **options):
+        return [{"prompt": f"{k}={v}"} for k, v in options.items()]
+
+    try:
+        register_task(Task("plain_task", plain))
+        register_task(Task("open_task", anything))
+        assert len(load_rows("plain_task", task_kwargs={"size": 2, "seed": 1})) == 2
+        assert load_rows("open_task", task_kwargs={"whatever": 1}) == [{"prompt": "whatever=1"}]
+        with pytest.raises(ConfigError, match=r"task 'plain_task' has no option 'sizes' \(options: seed, size"):
+            load_rows("plain_task", task_kwargs={"sizes": 2})
+    finally:
+        TASKS._entries.pop("plain_task", None)
+        TASKS._entries.pop("open_task", None)

@@ -112,3 +112,55 @@ def test_numbers_of_any_kind_are_rewards():
         return [np.float32(0.5), torch.tensor(1.0), np.bool_(True)]  # np.bool_ is not a numbers.Real
 
     assert call([kinds]).total.tolist() == [0.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_reward_function_that_exits_is_an_error_naming_it_and_the_sample(skip):
+    import sys
+
+    def quits(prompts, completions, answer, **kw):
+        if "7" in answer:
+            sys.exit(0)
+        return [1.0] * len(answer)
+
+    # Never scored as 'does not apply': exiting is a bug of the function, not of the sample.
+    with pytest.raises(RewardError, match=r"reward function 'quits' called sys.exit\(0\) on sample 1: prompt='p', "
+                                          r"completion='2'.*skip_reward_errors does not cover this"):
+        call([quits], skip=skip)
+
+
+def test_a_reward_function_that_exits_only_on_the_whole_batch_is_an_error():
+    def batch_quits(prompts, completions, **kw):
+        if len(completions) > 1:
+            raise SystemExit("too many")
+        return [1.0]
+
+    with pytest.raises(RewardError, match=r"'batch_quits' called sys.exit\('too many'\) on a batch of 3 samples"):
+        call([batch_quits], skip=True)
+
+
+def test_a_reward_module_that_exits_at_import_is_a_config_error(tmp_path):
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(0)\ndef f(prompts, completions, **kw):\n    return []\n")
+    with pytest.raises(ConfigError, match=r"reward_funcs: importing '.*script.py' for '.*script.py:f' called "
+                                          r"sys.exit\(0\)"):
+        load_reward_function(f"{tmp_path / 'script.py'}:f")
+
+
+@pytest.mark.parametrize("where", ["call", "import"])
+def test_sapo_train_does_not_exit_0_silently_when_a_reward_exits(workdir, tmp_path, where):
+    import subprocess
+    import sys
+
+    body = "def quits(prompts, completions, **kw):\n    raise SystemExit(0)\n"
+    (tmp_path / "quitting.py").write_text(("import sys\nsys.exit(0)\n" if where == "import" else "") + body)
+    args = [f"model={workdir / 'model'}", f"dataset={workdir / 'data.jsonl'}",
+            f"reward_funcs={tmp_path / 'quitting.py'}:quits",
+            "max_steps=1", "num_generations=2", "prompts_per_step=2", "max_completion_length=4", "num_minibatches=1",
+            f"output_dir={tmp_path / 'out'}"]
+    done = subprocess.run([sys.executable, "-m", "sapo", "train", *args], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = [line for line in done.stderr.splitlines() if line.startswith("sapo train: error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "called sys.exit(0)" in lines[0]
+    assert ("'quits' called sys.exit(0) on sample 0" if where == "call" else "quitting.py") in lines[0]

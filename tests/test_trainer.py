@@ -226,3 +226,27 @@ async def shaped(prompts, completions, trainer_state, log_metric, log_extra, **k
         assert len(rows) == 8 and all(c["chars"] == len(c["completion"]) for c in rows)
         logged = next(x for x in lines if x["step"] == step)
         assert logged["rewards/mean_chars"] == pytest.approx(sum(c["chars"] for c in rows) / len(rows))
+
+
+def test_lengths_beyond_the_models_positions_are_refused_at_start_up(base_config, tmp_path):
+    model = save_tiny_model(tmp_path / "short", "qwen2", hidden_size=32, max_position_embeddings=20)
+    config = {**base_config, "model": str(model), "output_dir": str(tmp_path / "out")}
+    with pytest.raises(sapo.ConfigError, match=r"max_prompt_length=16 \+ max_completion_length=6 = 22 tokens exceed "
+                                                r"the model's 20 positions \(max_position_embeddings"):
+        sapo.Trainer(sapo.TrainConfig(**config))
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+    sapo.Trainer(sapo.TrainConfig(**{**config, "max_completion_length": 4})).logger.close()  # 16 + 4 fits
+
+
+def test_rope_scaling_stretches_the_positions_a_model_takes():
+    from transformers import AutoConfig
+
+    from sapo.models import check_sequence_lengths
+
+    yarn = AutoConfig.for_model("qwen2", max_position_embeddings=32768,
+                                rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    check_sequence_lengths(yarn, 2048, 100_000)  # 131072 positions with YaRN x4
+    with pytest.raises(sapo.ConfigError, match="exceed the model's 131072 positions"):
+        check_sequence_lengths(yarn, 2048, 130_000)
+    with pytest.raises(sapo.ConfigError, match="exceed the model's 32768 positions"):
+        check_sequence_lengths(AutoConfig.for_model("qwen2", max_position_embeddings=32768), 2048, 32_000)

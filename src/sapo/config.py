@@ -38,12 +38,31 @@ UNUSED_BY = {"sapo": frozenset({"epsilon", "epsilon_high"}), "grpo": frozenset({
 CONTINUABLE = frozenset({
     "max_steps", "eval_dataset", "eval_steps", "eval_num_generations", "eval_greedy", "save_steps", "save_total_limit",
     "resume_from_checkpoint", "output_dir", "report_to", "log_completions", "micro_batch_size", "logprob_chunk_size",
-    "padding_free", "max_num_seqs", "skip_reward_errors", "allow_unsandboxed_code",
+    "padding_free", "max_num_seqs", "skip_reward_errors", "allow_unsandboxed_code", "max_nonfinite_steps",
 })
 
 
 class ConfigError(ValueError):
     """A configuration or input problem, with a message that names the field and the fix."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; in a config that is a silent typo."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges a mapping in, and the keys after it may override it
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not key_node.start_mark:
+                raise ConfigError(f"key {key!r} is given twice (lines {first.line + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -52,11 +71,13 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
     except OSError as err:
         raise ConfigError(f"config file {str(path)!r}: {err.strerror}") from None
+    except ConfigError as err:
+        raise ConfigError(f"config file {str(path)!r}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(loaded, dict):
@@ -91,7 +112,8 @@ class TrainConfig:
     """One weight per reward function; None weighs them all 1.0."""
     skip_reward_errors: bool = False
     """If a reward function raises: False stops the run naming it and the sample; True scores the
-    sample as 'does not apply' (advantage 0) and counts it in `rewards/errors`."""
+    sample as 'does not apply' (advantage 0) and counts it in `rewards/errors`. A SystemExit
+    (sys.exit) always stops the run."""
     allow_unsandboxed_code: bool = False
     """Let code rewards run programs without bubblewrap's isolation (no network namespace) when it
     is unavailable; by default the run refuses to start."""
@@ -154,6 +176,11 @@ class TrainConfig:
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: no clipping; the norm is still logged)."""
+    max_nonfinite_steps: int = 3
+    """Optimizer steps in a row that may be skipped because their loss, gradient norm or loss
+    inputs are NaN or infinite (no update; the schedule moves on; counted in `nonfinite_steps`)
+    before the run stops with an error; 0 stops at the first. Parameters that become non-finite
+    stop the run at once. Either way no checkpoint is written with non-finite parameters."""
     loss_type: str = "sapo"
     """Policy objective: "sapo", "grpo", "gspo" or a registered custom one."""
     tau_pos: float = 1.0
@@ -189,7 +216,9 @@ class TrainConfig:
     save_total_limit: int | None = None
     """Keep only the newest this many checkpoints (None: keep all)."""
     resume_from_checkpoint: str | None = None
-    """"latest" (the newest checkpoint in output_dir, if any) or a checkpoint directory."""
+    """"latest" (the newest checkpoint in output_dir, if any; a corrupt one is an error),
+    "latest_valid" (the newest that passes its checksums, skipping corrupt newer ones) or a
+    checkpoint directory."""
     output_dir: str = "outputs/run"
     """Where metrics, sampled completions and checkpoints go."""
     seed: int = 0
@@ -318,7 +347,7 @@ class TrainConfig:
                      "num_iterations", "micro_batch_size", "max_steps", "eval_num_generations"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be a positive integer")
         for name in ("eval_steps", "save_steps", "warmup_steps", "log_completions", "logprob_chunk_size",
-                     "max_num_seqs"):
+                     "max_num_seqs", "max_nonfinite_steps"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         batch = self.prompts_per_step * self.num_generations
         _require(batch % self.num_minibatches == 0, "num_minibatches", self.num_minibatches,

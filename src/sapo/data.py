@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,18 +32,50 @@ def load_rows(spec: str, *, split: str = "train", task_kwargs: dict[str, Any] | 
             raise ConfigError(f"{field} file {spec!r} is empty")
         import datasets
 
+        no_rows = ConfigError(f"{field} file {spec!r} has no rows (it parses to zero records); add rows, or "
+                              f"point {field} at another file")
         try:
             table = datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as err:
+            if _holds_no_records(path):  # datasets says only 'Instruction "train" corresponds to no data'
+                raise no_rows from None
             raise ConfigError(f"could not read {field} {spec!r}: {type(err).__name__}: {err}") from err
+        if len(table) == 0:
+            raise no_rows
         return table.to_list()
     if spec in available_tasks():
+        task = get_task(spec)
+        params = list(inspect.signature(task.load).parameters.values())[1:]  # after `split`
+        accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+        unknown = [] if takes_any else sorted(set(task_kwargs or {}) - set(accepted))
+        if unknown:
+            raise ConfigError(f"task_kwargs: task {spec!r} has no option {', '.join(map(repr, unknown))} "
+                              f"(options: {', '.join(accepted)}; defaults: {task.options})")
         try:
-            return get_task(spec).load(split, **(task_kwargs or {}))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"task {spec!r}: {err} (options: {get_task(spec).options})") from None
+            return task.load(split, **(task_kwargs or {}))
+        except ValueError as err:
+            raise ConfigError(f"{err} (options: {task.options})") from None
     raise ConfigError(f"{field}={spec!r} is neither a .jsonl/.json/.parquet file nor a built-in task "
                       f"(built-in: {available_tasks()})")
+
+
+def _holds_no_records(path: Path) -> bool:
+    """Whether a data file that datasets could not read is simply empty of rows: blank lines only
+    (.jsonl), an empty list or object (.json), or a table of zero rows (.parquet)."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet
+
+            return pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0
+        if path.stat().st_size > 1 << 20:  # an empty container is never this large
+            return False
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            return not text.strip()
+        return json.loads(text) in ([], {})
+    except (OSError, ValueError, ImportError):
+        return False
 
 
 def is_conversational(prompt: Any) -> bool:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
+from .config import ConfigError
+
 _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
@@ -19,8 +21,12 @@ def load_tokenizer(path: str | Path):
     lookup would otherwise swap in the model family's tokenizer class for some model types
     (e.g. qwen2) and change how text is split.
     """
+    _check_config_json(path)
     config_file = Path(path) / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    try:
+        declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    except (ValueError, AttributeError) as err:
+        raise ConfigError(f"{config_file} is not a tokenizer config ({err}); copy the model again") from None
     if declared in _GENERIC_TOKENIZER_CLASSES:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     else:
@@ -44,9 +50,45 @@ def mixed_precision(name: str) -> str:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    """A damaged model directory (unreadable config.json, truncated weights) is a ConfigError
+    naming the file, not a traceback from deep inside transformers."""
+    from safetensors import SafetensorError
+
+    _check_config_json(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"model {path}: {_damaged_file(path) or err}; copy the model again or save it "
+                          "with save_pretrained") from None
     model.config.use_cache = True
     return model
+
+
+def _check_config_json(path: str | Path) -> None:
+    file = Path(path) / "config.json"
+    try:
+        loaded = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        return  # transformers' own message says what is missing
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{file} is not valid JSON ({err}); copy the model again or save it with "
+                          "save_pretrained") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file} is not a model config (a JSON object); copy the model again or save it with "
+                          "save_pretrained")
+
+
+def _damaged_file(path: str | Path) -> str | None:
+    """Which weight file of `path` fails to open, and why (its header names the bytes it needs)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return f"{file} is truncated or corrupt ({err})"
+    return None
 
 
 def disable_dropout(model: PreTrainedModel) -> PreTrainedModel:
@@ -81,3 +123,22 @@ def forward_keeping_logits(model, keep: int, **kwargs):
         if "logits_to_keep" not in str(error):
             raise
         return model(**kwargs)
+
+
+def check_sequence_lengths(model_config, max_prompt_length: int, max_completion_length: int) -> None:
+    """Refuse lengths the model cannot hold: past its learned positions a model indexes out of
+    range mid-run (GPT-2 style) or silently extrapolates its rotary positions (Qwen, Llama)."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return  # the model states no limit
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        # YaRN, linear or dynamic scaling stretch the positions a model was trained on by `factor`
+        # (Qwen2.5's long-context setting keeps max_position_embeddings at 32768)
+        positions = int(positions * float(rope.get("factor") or 1.0))
+    if max_prompt_length + max_completion_length > positions:
+        raise ConfigError(f"max_prompt_length={max_prompt_length} + max_completion_length={max_completion_length} "
+                          f"= {max_prompt_length + max_completion_length} tokens exceed the model's "
+                          f"{positions} positions (max_position_embeddings, times any rope scaling factor); "
+                          "lower one of them so that a prompt and its completion fit")

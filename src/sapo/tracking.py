@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,11 @@ class RunLogger:
     """Writes on the main process only; the other processes get a logger that does nothing."""
 
     def __init__(self, output_dir: str | Path, report_to: list[str], config: dict[str, Any], *, enabled: bool,
-                 resume_step: int | None = None) -> None:
+                 resume_step: int | None = None, lock=None) -> None:
         self.enabled = enabled
         self.dir = Path(output_dir)
         self.tensorboard = self.wandb = None
+        self.lock = lock  # the output directory's lock (checkpoint.OutputDirLock), released by close()
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -72,28 +74,51 @@ class RunLogger:
         with self.off_policy_path.open("a") as f:
             f.write(json.dumps({"step": step, **stats.histograms()}) + "\n")
 
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    def close(self, exit_code: int = 0) -> None:
+        """Idempotent: the trainer closes the logger however its run ends (`exit_code` 1 for a run
+        that failed, which W&B then shows as such). The lock is released whatever a tracker does."""
+        tensorboard, wandb, lock = self.tensorboard, self.wandb, self.lock
+        self.tensorboard = self.wandb = self.lock = None
+        try:
+            if tensorboard is not None:
+                tensorboard.close()
+            if wandb is not None:
+                wandb.finish(exit_code=exit_code)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _truncate_after(path: Path, step: int | None) -> None:
-    """On resume, drop lines of steps after the checkpoint: they are about to be redone."""
+    """On resume, drop lines of steps after the checkpoint: they are about to be redone. The kept
+    lines go to a temporary file in the same directory that replaces the log only once it is
+    complete and on disk, so a crash (or a full disk) during the rewrite leaves the old log."""
     if not path.is_file():
         return
     if step is None:
         path.unlink()
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            pass  # a line cut short by a crash
-    path.write_text("".join(line + "\n" for line in kept))
+    tmp = path.with_name(f".{path.name}.rewrite")  # a fixed name: a killed rewrite's leftover is overwritten
+    try:
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            for line in src:  # streamed: completions.jsonl can be hundreds of MiB
+                try:
+                    keep = json.loads(line).get("step", 0) <= step
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue  # a line cut short by a crash
+                if keep:
+                    dst.write(line if line.endswith(b"\n") else line + b"\n")
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
 
 
 def progress_bar(enabled: bool) -> Progress:

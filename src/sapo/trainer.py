@@ -17,15 +17,17 @@ from transformers import TrainerState, get_scheduler
 from . import evaluation
 from . import rewards as reward_lib
 from .advantages import group_advantages
-from .checkpoint import check_start, load_training_state, resolve_resume, save_checkpoint
+from .checkpoint import (OutputDirLock, check_start, load_training_state, print_note, resolve_resume,
+                         save_checkpoint)
 from .config import ConfigError, TrainConfig
 from .diagnostics import OffPolicyStats
 from .data import PromptSet, gsm8k_rows, load_rows, math_rows, prepare_prompts, prompts_for_step
-from .models import disable_dropout, frozen_copy, load_model, load_tokenizer, mixed_precision
+from .models import (check_sequence_lengths, disable_dropout, frozen_copy, load_model, load_tokenizer,
+                     mixed_precision)
 from .rollout import Rollout, batched_logprobs, decode, generate, group_seeds
 from .summary import print_summary, summarize
 from .tracking import RunLogger, progress_bar
-from .update import policy_update
+from .update import NonFiniteSteps, NonFiniteUpdateError, parameters_finite, policy_update
 
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 _SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -62,37 +64,50 @@ class Trainer:
                               f"rollout batch ({self.local_prompts} prompts x {config.num_generations} generations)")
         set_seed(config.seed)
 
-        self.resume_path = resolve_resume(config.resume_from_checkpoint, config.output_dir)
-        check_start(config, self.resume_path)
-        self.tokenizer = load_tokenizer(config.model)
-        self.rewards = [reward_lib.load_reward_function(spec) for spec in config.reward_funcs]
-        self.reward_weights = config.reward_weights or [1.0] * len(self.rewards)
-        for reward in self.rewards:  # e.g. the code sandbox: fail now, not at the first rollout
-            if callable(getattr(reward.fn, "prepare", None)):
-                reward.fn.prepare(allow_unsandboxed=config.allow_unsandboxed_code)
-        self.train_set = self._prompts(config.dataset, "train")
-        self.eval_set = self._prompts(config.eval_dataset, "test") if config.eval_dataset else None
+        # Before anything is written into output_dir or its checkpoints are read (another run may
+        # be rotating them). Only the main process writes there; the other processes' RNG files go
+        # into the main process's temporary checkpoint directory, under its lock. The logger's
+        # close() at the end of train() releases it, and the kernel does when the process dies.
+        lock = OutputDirLock(config.output_dir) if self.acc.is_main_process else None
+        try:
+            self.resume_path, skipped = resolve_resume(config.resume_from_checkpoint, config.output_dir,
+                                                       num_processes=world,
+                                                       log=print_note if self.acc.is_main_process else None)
+            check_start(config, self.resume_path, skipped)
+            self.tokenizer = load_tokenizer(config.model)
+            self.rewards = [reward_lib.load_reward_function(spec) for spec in config.reward_funcs]
+            self.reward_weights = config.reward_weights or [1.0] * len(self.rewards)
+            for reward in self.rewards:  # e.g. the code sandbox: fail now, not at the first rollout
+                if callable(getattr(reward.fn, "prepare", None)):
+                    reward.fn.prepare(allow_unsandboxed=config.allow_unsandboxed_code)
+            self.train_set = self._prompts(config.dataset, "train")
+            self.eval_set = self._prompts(config.eval_dataset, "test") if config.eval_dataset else None
 
-        model = disable_dropout(load_model(self.resume_path or config.model))
-        self.ref_model = frozen_copy(load_model(config.model)).to(self.acc.device) if config.beta > 0 else None
-        # The fused AdamW kernel (CPU and CUDA) does one pass over the parameters instead of one per operation.
-        fused = dict(fused=True) if config.optim == "adamw" and self.acc.device.type in ("cpu", "cuda") else {}
-        optimizer = _OPTIMIZERS[config.optim](model.parameters(), lr=config.learning_rate,
-                                              weight_decay=config.weight_decay, **fused)
-        updates_per_step = config.num_minibatches * config.num_iterations
-        self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=config.warmup_steps,
-                                       num_training_steps=config.max_steps * updates_per_step)
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+            model = disable_dropout(load_model(self.resume_path or config.model))
+            check_sequence_lengths(model.config, config.max_prompt_length, config.max_completion_length)
+            self.ref_model = frozen_copy(load_model(config.model)).to(self.acc.device) if config.beta > 0 else None
+            # The fused AdamW kernel (CPU and CUDA) does one pass over the parameters instead of one per operation.
+            fused = dict(fused=True) if config.optim == "adamw" and self.acc.device.type in ("cpu", "cuda") else {}
+            optimizer = _OPTIMIZERS[config.optim](model.parameters(), lr=config.learning_rate,
+                                                  weight_decay=config.weight_decay, **fused)
+            updates_per_step = config.num_minibatches * config.num_iterations
+            self.scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=config.warmup_steps,
+                                           num_training_steps=config.max_steps * updates_per_step)
+            self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
-        self.start_step, self.wall_seconds_before, self._started = 0, 0.0, time.perf_counter()
-        if self.resume_path is not None:
-            state = load_training_state(self.resume_path, self.acc, self.optimizer, self.scheduler)
-            self.start_step = state["step"]
-            self.wall_seconds_before = state.get("wall_seconds", 0.0)
-        self.logger = RunLogger(config.output_dir, config.report_to, config.to_dict(), enabled=self.acc.is_main_process,
-                                resume_step=self.start_step if self.resume_path else None)
-        if self.acc.is_main_process:
-            Path(config.output_dir, "config.yaml").write_text(config.to_yaml())
+            self.start_step, self.wall_seconds_before, self._started = 0, 0.0, time.perf_counter()
+            if self.resume_path is not None:
+                state = load_training_state(self.resume_path, self.acc, self.optimizer, self.scheduler)
+                self.start_step = state["step"]
+                self.wall_seconds_before = state.get("wall_seconds", 0.0)
+            self.logger = RunLogger(config.output_dir, config.report_to, config.to_dict(), enabled=self.acc.is_main_process,
+                                    resume_step=self.start_step if self.resume_path else None, lock=lock)
+            if self.acc.is_main_process:
+                Path(config.output_dir, "config.yaml").write_text(config.to_yaml())
+        except BaseException:  # a Trainer that failed to start (kept alive by its traceback) holds nothing
+            if lock is not None:
+                lock.release()
+            raise
 
     def _prompts(self, spec: str, split: str) -> PromptSet:
         cfg = self.config
@@ -110,6 +125,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict[str, float]]:
+        """Run the loop; the logs are closed and output_dir's lock released however it ends."""
+        exit_code = 1
+        try:
+            history = self._train()
+            exit_code = 0
+            return history
+        finally:
+            self.logger.close(exit_code)
+
+    def _train(self) -> list[dict[str, float]]:
         cfg, history = self.config, []
         started = time.perf_counter()
         if self.eval_set is not None and self.start_step == 0:  # the starting point, for before/after
@@ -117,6 +142,7 @@ class Trainer:
             self.logger.log(0, before)
             history.append({"step": 0, **before})
         self._started = started
+        self.nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)  # a streak of skipped steps spans rollout steps
         with progress_bar(self.acc.is_main_process) as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.start_step, status="")
             for step in range(self.start_step, cfg.max_steps):
@@ -137,7 +163,8 @@ class Trainer:
                 # 4. Policy update.
                 off_policy = OffPolicyStats(self.acc.device)
                 metrics = policy_update(self.model, self.optimizer, self.scheduler, self.acc, rollout, advantages, cfg,
-                                        step=step, first_position=first, off_policy=off_policy)
+                                        step=step, first_position=first, off_policy=off_policy,
+                                        nonfinite=self.nonfinite)
                 metrics.update(off_policy.reduce(self.acc).metrics())
                 t3 = time.perf_counter()
 
@@ -147,17 +174,20 @@ class Trainer:
                                 "tokens_per_second": metrics.pop("_tokens") / (t3 - t0)})
                 # 6. Evaluate.
                 done = step + 1
-                if self.eval_set is not None and ((cfg.eval_steps and done % cfg.eval_steps == 0) or done == cfg.max_steps):
+                stop = self.nonfinite.stop  # then the parameters may be NaN: no evaluation, no checkpoint
+                if self.eval_set is not None and not stop and ((cfg.eval_steps and done % cfg.eval_steps == 0)
+                                                               or done == cfg.max_steps):
                     metrics.update(self.evaluate(done))
                 self.logger.log(done, metrics)
                 self.logger.log_completions(done, self._completion_samples(rollout, scored, advantages))
                 self.logger.log_off_policy(done, off_policy)
                 history.append({"step": done, **metrics})
                 bar.update(task, completed=done, status=self._status(metrics))
+                if stop:  # after the step's metrics are written, so that metrics.jsonl shows the skipped steps
+                    raise NonFiniteUpdateError(stop)
                 # 7. Checkpoint.
                 if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
                     self.save(done)
-        self.logger.close()
         if self.acc.is_main_process:
             last = Path(cfg.output_dir) / f"checkpoint-{cfg.max_steps}"
             wall = self.wall_seconds_before + time.perf_counter() - started
@@ -277,6 +307,11 @@ class Trainer:
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def save(self, step: int) -> Path:
+        if not parameters_finite(self.acc, self.model):  # the loop stops before this; a direct call may not
+            raise NonFiniteUpdateError(f"checkpoint-{step} was not written: the parameters are NaN or infinite "
+                                       "(or too large for a finite norm). "
+                                       "The previous checkpoints are left as they were; resume from the latest "
+                                       "with a lower learning_rate, or clip with max_grad_norm > 0")
         return save_checkpoint(self.acc, self.config.output_dir, step, model=self.model, tokenizer=self.tokenizer,
                                optimizer=self.optimizer, scheduler=self.scheduler, config_yaml=self.config.to_yaml(),
                                trainer_state={"prompts_consumed": step * self.config.prompts_per_step,

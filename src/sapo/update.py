@@ -4,17 +4,39 @@ each, `num_iterations` times. Later minibatches are off-policy: that is where th
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .diagnostics import OffPolicyStats
 from .data import derive_seed
 from .logprobs import completion_logprobs
 from .losses import aggregation_denominator, policy_loss
+from .losses.policy_loss import unmasked_nonfinite
 from .rollout import Rollout
+
+
+class NonFiniteUpdateError(ConfigError):
+    """Training stopped because updates went non-finite: too many optimizer steps in a row with
+    a NaN or infinite loss, gradient norm or loss input (see max_nonfinite_steps), or parameters
+    that became NaN or infinite. No checkpoint holds such parameters. A ConfigError, so the CLI
+    prints it as one line: the fix is a setting (learning_rate, max_grad_norm, dtype)."""
+
+
+@dataclass
+class NonFiniteSteps:
+    """The run's streak of skipped non-finite optimizer steps; it spans rollout steps, so the
+    trainer keeps one for the whole run (a resume starts it at 0). `stop` is the error message
+    once the run must stop."""
+
+    limit: int
+    in_a_row: int = 0
+    stop: str | None = None
 
 
 def minibatch_plan(num_prompts: int, group_size: int, num_minibatches: int, *, seed: int, step: int,
@@ -73,17 +95,28 @@ class MetricMean:
 
 def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, advantages: Tensor,
                   config: TrainConfig, *, step: int, first_position: int,
-                  off_policy: OffPolicyStats | None = None) -> dict[str, float]:
+                  off_policy: OffPolicyStats | None = None,
+                  nonfinite: NonFiniteSteps | None = None) -> dict[str, float]:
     """num_iterations passes of num_minibatches optimizer steps over the rollout batch. The token
-    log-ratios of every minibatch after the first are added to `off_policy`."""
+    log-ratios of every minibatch after the first are added to `off_policy`.
+
+    An optimizer step whose loss, gradient norm or unmasked loss inputs (log-probs of the policy,
+    pi_old and the reference; advantages) are NaN or infinite on any process is skipped on every
+    process: gradients dropped, no optimizer step, the schedule steps on. Its metrics are left out
+    of the averages and counted in `nonfinite_steps`. `nonfinite` (the run's streak) gets `stop`
+    set, and the remaining steps are not taken, after more than its limit in a row or when the
+    parameters are not finite (checked after a skipped step and once at the end); without it,
+    that raises NonFiniteUpdateError."""
     G = config.num_generations
     num_prompts = len(rollout) // G
     loss_mask = rollout.completion_mask.clone()
     if config.mask_truncated_completions:
         loss_mask = loss_mask * (~rollout.truncated).unsqueeze(-1)
     world = accelerator.num_processes
+    own_streak = nonfinite is None
+    nonfinite = NonFiniteSteps(config.max_nonfinite_steps) if own_streak else nonfinite
     stats = MetricMean()
-    grad_norms, losses = [], []
+    grad_norms, losses, skipped = [], [], 0
     model.train()
     for iteration in range(config.num_iterations):
         plan = minibatch_plan(num_prompts, G, config.num_minibatches, seed=config.seed, step=step,
@@ -96,7 +129,9 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
                                              .to(accelerator.device), "sum") / world
             micro_batches = [minibatch[i:i + config.micro_batch_size]
                              for i in range(0, len(minibatch), config.micro_batch_size)]
-            losses.append(0.0)
+            # Held until the step is known to be finite, so that a skipped step's NaNs stay out of the logs.
+            loss, added, log_ratios = 0.0, [], []
+            bad_inputs = torch.zeros((), dtype=torch.long, device=accelerator.device)
             for j, idx in enumerate(micro_batches):
                 sync = j == len(micro_batches) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
@@ -109,36 +144,135 @@ def policy_update(model, optimizer, scheduler, accelerator, rollout: Rollout, ad
                     # pi_old is pi_theta and its separate forward pass was skipped.
                     old = logp.detach() if part.old_logprobs is None else part.old_logprobs
                     mask = loss_mask[idx]
+                    # policy_loss's own check would raise on this process alone and leave the others
+                    # waiting in the gradient all-reduce; the step is skipped everywhere instead.
+                    # An inf log-prob is clamped to a finite loss, so the loss alone would not show it.
+                    bad_inputs += sum(unmasked_nonfinite(mask != 0, logprobs=logp.detach(), old_logprobs=old,
+                                                         advantages=advantages[idx].unsqueeze(-1).expand_as(logp),
+                                                         ref_logprobs=part.ref_logprobs).values())
                     out = policy_loss(
                         logp, old, advantages[idx], mask, loss_type=config.loss_type, tau_pos=config.tau_pos,
                         tau_neg=config.tau_neg, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
                         aggregation=config.aggregation, max_tokens=config.max_completion_length,
                         ref_logprobs=part.ref_logprobs, beta=config.beta, denominator=denominator,
+                        check_finite=False,
                     )
                     accelerator.backward(out.loss)
                 tokens = float(mask.sum())
                 if off_policy is not None and (k > 0 or iteration > 0):
-                    off_policy.add(logp.detach() - old, mask)
+                    log_ratios.append((logp.detach() - old, mask))
                 if k == 0 and iteration == 0 and part.old_logprobs is not None:
                     # Before any update the two differ only by numerics (sampling pass vs training forward).
                     out.metrics["rollout/logprob_abs_diff"] = float(((logp.detach() - old).abs() * mask).sum()
                                                                     / max(tokens, 1.0))
                 out.metrics["entropy"] = float((entropy * mask).sum() / max(tokens, 1.0))
-                losses[-1] += float(out.loss.detach())
-                stats.add(out.metrics, tokens)
-            grad_norms.append(_clip(accelerator, model, config.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
+                loss += float(out.loss.detach())
+                added.append((out.metrics, tokens))
+            grad_norm, inputs_finite = _clip_and_check(accelerator, model, config.max_grad_norm, bad_inputs, loss)
+            if inputs_finite and math.isfinite(grad_norm):
+                optimizer.step()
+                nonfinite.in_a_row = 0
+                grad_norms.append(grad_norm)
+                losses.append(loss)
+                for metrics, tokens in added:
+                    stats.add(metrics, tokens)
+                for log_ratio, mask in log_ratios:
+                    off_policy.add(log_ratio, mask)
+            else:
+                skipped += 1
+                scaler_overflow = _skip_step(accelerator, optimizer, inputs_finite=inputs_finite)
+                if not scaler_overflow:  # the scaler lowers its scale and retries: its calibration, not a fault
+                    nonfinite.in_a_row += 1
+                    nonfinite.stop = _stop_message(accelerator, model, config, nonfinite, step)
+            if skipped:
+                with warnings.catch_warnings():
+                    # A skipped first step makes torch warn that the schedule stepped before the
+                    # optimizer. Only then: catch_warnings resets the registry of warnings shown once.
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                    scheduler.step()
+            else:
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if nonfinite.stop:
+                break
+        if nonfinite.stop:
+            break
+    if nonfinite.stop is None and not parameters_finite(accelerator, model):
+        nonfinite.stop = _parameters_message(config, step)
+    if own_streak and nonfinite.stop:
+        raise NonFiniteUpdateError(nonfinite.stop)
     # A process's loss has the global denominator divided by the number of processes (as DDP
     # averages gradients), so the global minibatch's loss is the plain mean over processes.
-    stats.add({"loss": sum(losses) / len(losses)}, 1.0)
+    if losses:
+        stats.add({"loss": sum(losses) / len(losses)}, 1.0)
     metrics = _across_processes(accelerator, stats).result()
     if "kl/mean" in metrics:
         metrics["kl"] = metrics.pop("kl/mean")
-    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    metrics["loss"] = metrics.get("loss", math.nan)
+    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
     metrics["learning_rate"] = scheduler.get_last_lr()[0]
+    metrics["nonfinite_steps"] = float(skipped)
     return metrics
+
+
+def _clip_and_check(accelerator, model, max_grad_norm: float, bad_inputs: Tensor, loss: float) -> tuple[float, bool]:
+    """The gradient norm (before clipping) and whether the loss and its inputs are finite on every
+    process, in one device-to-host copy. The norm is global already (DDP averaged the gradients
+    before it); the loss and inputs are this process's, so their verdict is summed over
+    processes: every process then decides alike."""
+    norm = _clip(accelerator, model, max_grad_norm)
+    bad = bad_inputs.to(torch.float32) + (0.0 if math.isfinite(loss) else 1.0)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, "sum")
+    norm_value, bad_value = torch.stack([norm.to(torch.float32).reshape(()), bad.to(norm.device)]).tolist()
+    return norm_value, bad_value == 0
+
+
+def _skip_step(accelerator, optimizer, *, inputs_finite: bool) -> bool:
+    """Drop the gradients without an optimizer step. With a loss scaler (dtype=float16) its
+    state is reset as its own skipped step would: the scale is lowered when the gradients are
+    the fault. Returns True when that is all it was: finite loss and inputs, overflowing gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return False
+    # update() with a new scale also clears unscale_'s record; without it the next unscale_ raises.
+    scale = scaler.get_scale()
+    scaler.update(new_scale=scale * scaler.get_backoff_factor() if inputs_finite else scale)
+    return inputs_finite
+
+
+def _stop_message(accelerator, model, config: TrainConfig, nonfinite: NonFiniteSteps, step: int) -> str | None:
+    # Only after a skipped step: a finite step needs no look at the parameters until the end of the update.
+    if not parameters_finite(accelerator, model):
+        return _parameters_message(config, step)
+    if nonfinite.in_a_row <= nonfinite.limit:
+        return None
+    return (f"{nonfinite.in_a_row} optimizer step(s) in a row had a NaN or infinite loss or gradient norm, at rollout "
+            f"step {step + 1} (max_nonfinite_steps={nonfinite.limit}); none was applied, and the checkpoints hold "
+            f"finite parameters. Lower learning_rate (now {config.learning_rate:g}), clip with max_grad_norm > 0, use "
+            f"dtype=bfloat16 or float32 instead of float16, or raise max_nonfinite_steps")
+
+
+def _parameters_message(config: TrainConfig, step: int) -> str:
+    return (f"the parameters became NaN or infinite (or too large for a finite norm) at rollout step {step + 1}: an "
+            f"update too large for their dtype (learning_rate={config.learning_rate:g}, "
+            f"max_grad_norm={config.max_grad_norm:g}); no checkpoint was written with them. Resume from the last "
+            "checkpoint with a lower learning_rate, or clip with max_grad_norm > 0")
+
+
+def parameters_finite(accelerator, model) -> bool:
+    """Whether every parameter tensor has a finite 2-norm on every process: one fused pass (the
+    kernel of gradient clipping; max-abs is ~10x slower on CPU) and one sync. It also fails
+    for finite entries beyond ~1e19, whose squares overflow: such weights overflow the forward
+    pass too, and the next rollout would sample from NaN probabilities."""
+    params = [p.detach() for p in model.parameters()]
+    if not params:
+        return True
+    bad = (~torch.isfinite(torch.stack(torch._foreach_norm(params)))).sum().to(torch.float32)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad.to(accelerator.device), "sum")
+    return not bad.item()
 
 
 def _across_processes(accelerator, stats: MetricMean) -> MetricMean:
@@ -153,8 +287,12 @@ def _across_processes(accelerator, stats: MetricMean) -> MetricMean:
     return total
 
 
-def _clip(accelerator, model, max_grad_norm: float) -> float:
+def _clip(accelerator, model, max_grad_norm: float) -> Tensor:
     if max_grad_norm > 0:
-        return float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+        return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    # A loss scaler's gradients are scaled: the norm is that of the unscaled ones, as when clipping.
+    accelerator.unscale_gradients()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    if not grads:
+        return torch.zeros((), device=accelerator.device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

@@ -95,9 +95,14 @@ def test_fully_masked_batch_gives_zero_loss_and_gradient(loss_type, aggregation)
     assert out.metrics["ratio/mean"] == 0.0 and out.metrics["ratio/max"] == 1.0
 
 
-def test_empty_batch():
-    out, grad = loss_and_grad(torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0), torch.zeros(0, 5))
-    assert out.loss.item() == 0.0 and grad.shape == (0, 5)
+@pytest.mark.parametrize("B,T", [(0, 5), (3, 0), (0, 0)])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_empty_batch(B, T, loss_type):
+    z = torch.zeros(B, T)
+    out, grad = loss_and_grad(z, z, torch.zeros(B), torch.ones(B, T), loss_type=loss_type, ref_logprobs=z, beta=0.1,
+                              importance_weights=z + 1)
+    assert out.loss.item() == 0.0 and grad.shape == (B, T) and torch.count_nonzero(grad) == 0
+    assert_finite(out, grad)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -149,3 +154,44 @@ def test_clamp_zeroes_the_gradient_only_beyond_the_bound():
     assert grad[0, 0].item() == pytest.approx(np.exp(19.0) / 3)  # -A * r / |y|
     assert grad[0, 1].item() == 0.0 and grad[0, 2].item() == 0.0
     assert out.metrics["ratio/max"] == pytest.approx(np.exp(sapo.LOG_RATIO_CLAMP))
+
+
+NONFINITE_ARGS = ["logprobs", "old_logprobs", "advantages", "token_advantages", "ref_logprobs", "importance_weights"]
+
+
+def batch_with_nan_padding(B=2, T=3):
+    """Inputs whose masked position (0, T-1) holds NaN in every tensor, as padding may."""
+    mask = torch.ones(B, T)
+    mask[0, -1] = 0
+    pad = torch.zeros(B, T)
+    pad[0, -1] = torch.nan
+    kw = {"logprobs": pad - 1.0, "old_logprobs": pad - 1.2, "advantages": torch.tensor([1.0, -1.0]),
+          "token_advantages": pad + 0.5, "ref_logprobs": pad - 1.1, "importance_weights": pad + 1.0}
+    return kw, mask
+
+
+def call_policy_loss(kw, mask, **extra):
+    token, adv = kw.pop("token_advantages", None), kw.pop("advantages")
+    adv = adv if token is None else token
+    return sapo.policy_loss(kw.pop("logprobs"), kw.pop("old_logprobs"), adv, mask, beta=0.1, **kw, **extra)
+
+
+@pytest.mark.parametrize("name", NONFINITE_ARGS)
+@pytest.mark.parametrize("value", [torch.nan, torch.inf, -torch.inf])
+def test_nonfinite_unmasked_inputs_are_errors_naming_the_argument(name, value):
+    kw, mask = batch_with_nan_padding()
+    if name != "token_advantages":
+        kw.pop("token_advantages")
+    assert torch.isfinite(call_policy_loss(dict(kw), mask).loss)  # NaN padding alone is fine
+    if name == "advantages":
+        kw[name][1] = value
+    else:
+        kw[name] = kw[name].clone()
+        kw[name][1, 1] = value
+    argument = "advantages" if name == "token_advantages" else name
+    with pytest.raises(ValueError, match=rf"^{argument} is NaN or infinite at {3 if name == 'advantages' else 1} "
+                                         r"position\(s\) where mask is nonzero; only masked \(padding\) positions"):
+        call_policy_loss(dict(kw), mask)
+    out = call_policy_loss(dict(kw), mask, check_finite=False)  # the trainer's path: it checks by itself
+    assert out.loss.dtype == torch.float32
+

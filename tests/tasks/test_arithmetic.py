@@ -27,7 +27,7 @@ def test_answers_are_the_value_of_the_expression(kwargs):
 
 
 def test_bad_options_are_errors():
-    with pytest.raises(ValueError, match="ops made of"):
+    with pytest.raises(ValueError, match="ops must be made of"):
         load("test", ops="*")
 
 

@@ -71,7 +71,7 @@ def test_never_calls_eval_or_exec(monkeypatch):
 
 
 def test_operand_count_is_bounded():
-    with pytest.raises(ValueError, match="operands <= 10"):
+    with pytest.raises(ValueError, match="operands must be an integer from 2 to 10"):
         load("test", operands=70)
 
 

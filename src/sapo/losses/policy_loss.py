@@ -115,6 +115,7 @@ def policy_loss(
     beta: float = 0.0,
     importance_weights: Tensor | None = None,
     denominator: float | Tensor | None = None,
+    check_finite: bool = True,
 ) -> PolicyLossOutput:
     """The policy-gradient loss of a batch of sampled responses.
 
@@ -134,6 +135,11 @@ def policy_loss(
         denominator: when this batch is one micro-batch of a larger one, the larger one's
             `sapo.aggregation_denominator` (summed over micro-batches), so that the accumulated
             gradient equals that of the whole batch. None: this batch's own.
+        check_finite: raise ValueError naming the argument when an entry of logprobs,
+            old_logprobs, advantages, ref_logprobs or importance_weights is NaN or +-inf where
+            mask is nonzero. The check rides on the metrics' one device-to-host copy, so it
+            costs no extra sync. The trainer passes False and skips such an optimizer step
+            instead (`sapo.update`), since a raise on one process would hang the others.
 
     old_logprobs, advantages, ref_logprobs and importance_weights are treated as constants.
     Computation is in float32 (float64 if logprobs is float64) whatever the input dtype.
@@ -157,6 +163,10 @@ def policy_loss(
     raw_log_ratio_BT = logp_BT - old_logp_BT
     log_ratio_BT = raw_log_ratio_BT.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(logprobs)
+    nonfinite = {}
+    if check_finite:
+        nonfinite = unmasked_nonfinite(valid_BT, logprobs=logprobs, old_logprobs=old_logprobs, advantages=adv,
+                                       ref_logprobs=ref_logprobs, importance_weights=importance_weights)
     inputs = PolicyLossInputs(
         logprobs=logp_BT,
         old_logprobs=old_logp_BT,
@@ -185,7 +195,29 @@ def policy_loss(
 
     loss = aggregate(per_token_BT, mask_BT, aggregation, max_tokens=max_tokens, denominator=denominator)
     metrics.update(token.metrics)
-    return PolicyLossOutput(loss=loss, metrics=_to_floats(metrics))
+    floats = _to_floats({**metrics, **{f"_nonfinite/{k}": v for k, v in nonfinite.items()}})
+    counts = {name: int(floats.pop(f"_nonfinite/{name}")) for name in nonfinite}
+    for name, count in counts.items():
+        if count:
+            raise ValueError(f"{name} is NaN or infinite at {count} position(s) where mask is nonzero; only masked "
+                             f"(padding) positions may hold NaN or inf. {_NONFINITE_HINTS[name]}")
+    return PolicyLossOutput(loss=loss, metrics=floats)
+
+
+_NONFINITE_HINTS = {
+    "logprobs": "A -inf log-prob is a token of probability 0: was it sampled at another temperature or from "
+                "another model? NaN ones come from non-finite weights or a half-precision overflow.",
+    "old_logprobs": "They must be the log-probs of the sampled tokens under the policy that sampled them.",
+    "advantages": "Check the rewards and the advantage computation (a group's std of 0 with no epsilon?).",
+    "ref_logprobs": "They must be the reference model's log-probs of the same tokens.",
+    "importance_weights": "They must be finite constants (clip or truncate them).",
+}
+
+
+def unmasked_nonfinite(valid_BT: Tensor, **tensors: Tensor | None) -> dict[str, Tensor]:
+    """For each tensor given (None ones are left out), a 0-d count on its device of its NaN or
+    +-inf entries where `valid_BT` is True; masked positions may hold anything. No sync."""
+    return {name: (~torch.isfinite(t) & valid_BT).sum() for name, t in tensors.items() if t is not None}
 
 
 def _common_metrics(inputs: PolicyLossInputs, raw_log_ratio_BT: Tensor) -> dict[str, Tensor]:

@@ -87,6 +87,10 @@ def load_reward_function(spec: str) -> NamedReward:
             module = importlib.import_module(module_part)
     except ConfigError:
         raise
+    except SystemExit as err:  # else `sapo train` would end with the module's exit code, often 0, and no word
+        raise ConfigError(f"reward_funcs: importing {module_part!r} for {spec!r} called sys.exit({err.code!r}); a "
+                          "reward module must not exit when imported (guard script code with "
+                          "`if __name__ == \"__main__\":`)") from err
     except Exception as err:
         raise ConfigError(f"reward_funcs: could not import {module_part!r} for {spec!r}: {type(err).__name__}: {err}") from err
     fn = getattr(module, attr, None)
@@ -196,11 +200,15 @@ def _call(reward: NamedReward, prompts, completions, completion_ids, columns, co
 
     everything = list(range(len(completions)))
     mark = context.mark()
+    exited = None
     try:
         values = _check_values(reward, run(everything, context), len(everything))
         return values, set()
     except ConfigError:
         raise
+    except SystemExit as err:
+        exited = err
+        context.rollback(mark)  # called again sample by sample, to name the one that exits
     except Exception:
         context.rollback(mark)  # it is called again sample by sample
     # Find the samples that make it raise, one by one, to name them.
@@ -212,6 +220,14 @@ def _call(reward: NamedReward, prompts, completions, completion_ids, columns, co
             logs.append(own)
         except ConfigError:
             raise
+        except SystemExit as err:
+            # Never skipped: exiting is not a score of this sample but a bug in the function
+            # (a script's sys.exit, argparse on sys.argv), and skipping would hide it.
+            raise RewardError(
+                f"reward function {reward.name!r} called sys.exit({err.code!r}) on sample {i}: "
+                f"prompt={_short(prompts[i])}, completion={_short(completions[i])}. A reward function must return "
+                "its scores, not exit; skip_reward_errors does not cover this"
+            ) from err
         except Exception as err:
             if not skip_errors:
                 raise RewardError(
@@ -222,6 +238,11 @@ def _call(reward: NamedReward, prompts, completions, completion_ids, columns, co
             values.append(None)
             failed.add(i)
             logs.append(None)
+    if exited is not None:  # no single sample makes it exit: it exits on the batch
+        raise RewardError(f"reward function {reward.name!r} called sys.exit({exited.code!r}) on a batch of "
+                          f"{len(everything)} samples (not on any one alone), first prompt={_short(prompts[0])}. A "
+                          "reward function must return its scores, not exit; skip_reward_errors does not cover "
+                          "this") from exited
     # What the per-sample calls logged, as if from one call: a column holds None for a failed sample.
     for own in filter(None, logs):
         for name, logged in own.metrics.items():

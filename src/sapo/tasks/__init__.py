@@ -26,6 +26,7 @@ class Task:
 
 
 TASKS: Registry[Task] = Registry("dataset")
+MAX_SPLIT_SIZE = 10**6  # problems per split: beyond it generating them takes minutes and gigabytes
 
 
 def register_task(task: Task) -> Task:
@@ -44,6 +45,13 @@ def get_task(name: str) -> Task:
 
 def _load_builtins() -> None:
     from . import arithmetic, countdown  # noqa: F401  (they register themselves)
+
+
+def check_int_option(task: str, name: str, value: object, low: int, high: int) -> None:
+    """A task option is an integer in [low, high]: outside it a task would fail deep inside Python
+    (an int too long to print, a loop that never finds enough problems), not with its own words."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{task}: task_kwargs.{name} must be an integer from {low} to {high}, got {value!r}")
 
 
 def split_problems(make: Callable[[random.Random], dict], split: str, seed: int, *, train_size: int,

@@ -6,8 +6,9 @@ import random
 import re
 
 from ..rewards import completion_text, register_reward
-from . import Task, register_task, split_problems
+from . import MAX_SPLIT_SIZE, Task, check_int_option, register_task, split_problems
 
+MAX_DIGITS, MAX_OPERANDS = 40, 50
 _INTEGER = re.compile(r"[+-]?[0-9]{1,50}")  # ASCII digits only (\d also matches '４' and '٤')
 
 
@@ -25,9 +26,13 @@ def make_problem(rng: random.Random, digits: int = 2, operands: int = 2, ops: st
 def load(split: str, seed: int = 0, *, digits: int = 2, operands: int = 2, ops: str = "+",
          train_size: int = 5000, test_size: int = 200) -> list[dict]:
     """Rows of a split. The test problems are drawn first and never appear in train."""
-    if digits < 1 or operands < 2 or not ops or set(ops) - set("+-"):
-        raise ValueError(f"arithmetic: need digits >= 1, operands >= 2 and ops made of '+' and '-', "
-                         f"got digits={digits}, operands={operands}, ops={ops!r}")
+    # Answers stay within the 50 digits the reward reads (MAX_DIGITS + 2 for a sum of MAX_OPERANDS).
+    check_int_option("arithmetic", "digits", digits, 1, MAX_DIGITS)
+    check_int_option("arithmetic", "operands", operands, 2, MAX_OPERANDS)
+    check_int_option("arithmetic", "train_size", train_size, 1, MAX_SPLIT_SIZE)
+    check_int_option("arithmetic", "test_size", test_size, 1, MAX_SPLIT_SIZE)
+    if not isinstance(ops, str) or not ops or set(ops) - set("+-"):
+        raise ValueError(f"arithmetic: task_kwargs.ops must be made of '+' and '-' (e.g. '+-'), got {ops!r}")
     return split_problems(lambda rng: make_problem(rng, digits, operands, ops), split, seed,
                           train_size=train_size, test_size=test_size, key="prompt")
 
@@ -53,4 +58,5 @@ def arithmetic_reward(prompts: list, completions: list, answer: list, **kwargs) 
 
 
 register_task(Task("arithmetic", load, "integer addition (and subtraction): '47+85=' -> '132'",
-                   reward="arithmetic", target="answer", options="digits=2, operands=2, ops='+' (use '+-' for subtraction)"))
+                   reward="arithmetic", target="answer", options="digits=2 (1-40), operands=2 (2-50), ops='+' (use '+-' for subtraction), "
+                   "train_size=5000, test_size=200"))

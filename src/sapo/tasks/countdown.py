@@ -9,7 +9,7 @@ from collections import Counter
 from fractions import Fraction
 
 from ..rewards import completion_text, register_reward
-from . import Task, register_task, split_problems
+from . import MAX_SPLIT_SIZE, Task, check_int_option, register_task, split_problems
 
 MAX_CHARS = 200  # longer text is not a plausible answer, and bounds the parser's work
 MAX_DEPTH = 32  # parenthesis nesting
@@ -153,11 +153,15 @@ def make_problem(rng: random.Random, operands: int = 3, max_number: int = 20) ->
 
 def load(split: str, seed: int = 0, *, operands: int = 3, max_number: int = 20, train_size: int = 5000,
          test_size: int = 200) -> list[dict]:
-    if not 2 <= operands <= 10 or max_number < 1:
-        raise ValueError(f"countdown: need 2 <= operands <= 10 and max_number >= 1, got {operands}, {max_number}")
+    check_int_option("countdown", "operands", operands, 2, 10)
+    # Targets are at most 1000: with larger numbers most random expressions miss that range and
+    # drawing a split takes minutes (10 operands up to 1000: 5 s for 40 problems).
+    check_int_option("countdown", "max_number", max_number, 1, 100)
+    check_int_option("countdown", "train_size", train_size, 1, MAX_SPLIT_SIZE)
+    check_int_option("countdown", "test_size", test_size, 1, MAX_SPLIT_SIZE)
     return split_problems(lambda rng: make_problem(rng, operands, max_number), split, seed,
                           train_size=train_size, test_size=test_size, key="prompt")
 
 
 register_task(Task("countdown", load, "reach the target with each number once: '3,7,25->46:' -> '25+3*7'",
-                   reward="countdown", target="solution", options="operands=3, max_number=20"))
+                   reward="countdown", target="solution", options="operands=3 (2-10), max_number=20 (1-100), train_size=5000, test_size=200"))
