@@ -266,3 +266,15 @@ def test_a_kill_during_rotation_leaves_no_half_deleted_checkpoint(base_config, m
     trainer.save(3)  # the next save removes the leftover, and only that
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == sorted(
         ["checkpoint-2", "checkpoint-3", *(p.name for p in mine)])
+
+
+def test_a_run_that_fails_mid_way_releases_its_lock(base_config, monkeypatch):
+    trainer = sapo.Trainer(sapo.TrainConfig(**base_config))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a reward service went away")
+
+    monkeypatch.setattr(trainer, "_score", fail)
+    with pytest.raises(RuntimeError, match="went away"):
+        trainer.train()
+    checkpoint.OutputDirLock(base_config["output_dir"]).release()  # free again, in this same process
