@@ -321,15 +321,22 @@ def test_tree_removal_restores_its_own_unreadable_directories():
     (top / "a" / "b" / "f").write_text("x")
     os.chmod(top / "a" / "b", 0)
     os.chmod(top / "a", 0)
-    code = f"from sapo.rewards.sandbox_fs import remove_tree; print(remove_tree({str(top)!r}))"
     if ROOT:  # as another uid, so that permissions apply: the tree is handed to it
         for path in (tmp_path, top, top / "a", top / "a" / "b", top / "a" / "b" / "f"):
             os.chown(path, 65534, 65534)
         os.chmod(tmp_path, 0o755)
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", sys.executable, "-c", code]
-        src = os.path.dirname(os.path.dirname(os.path.dirname(remove_tree.__code__.co_filename)))
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30, env={"PYTHONPATH": src})
+        # That uid may not read the checkout or the virtual environment (CI's lives in a 0700
+        # directory): it runs a copy of the module (standard library only) with the base interpreter.
+        module = tmp_path / "sandbox_fs.py"
+        shutil.copyfile(remove_tree.__code__.co_filename, module)
+        os.chmod(module, 0o644)
+        code = ("import importlib.util as u; s = u.spec_from_file_location('fs', " + repr(str(module)) + "); "
+                f"m = u.module_from_spec(s); s.loader.exec_module(m); print(m.remove_tree({str(top)!r}))")
+        python = os.path.realpath(sys.executable)
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", python, "-I", "-B", "-c", code]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
         assert done.stdout.strip() == "None", done
+        module.unlink()
     else:
         assert remove_tree(str(top)) is None
     assert not top.exists()
