@@ -278,3 +278,25 @@ def test_a_run_that_fails_mid_way_releases_its_lock(base_config, monkeypatch):
     with pytest.raises(RuntimeError, match="went away"):
         trainer.train()
     checkpoint.OutputDirLock(base_config["output_dir"]).release()  # free again, in this same process
+
+
+def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoints(base_config):
+    # /dev/full fails every write with ENOSPC, as a full disk does.
+    config = {**base_config, "save_steps": 1}
+    sapo.Trainer(sapo.TrainConfig(**{**config, "max_steps": 1})).train()
+    before = (Path(config["output_dir"]) / "checkpoint-1" / "model.safetensors").read_bytes()
+    trainer = sapo.Trainer(sapo.TrainConfig(**config, resume_from_checkpoint="latest"))
+    trainer.logger.metrics_path = Path("/dev/full")
+    with pytest.raises(sapo.ConfigError, match=r"^could not write /dev/full: No space left on device; the last "
+                                               r"checkpoint is intact"):
+        trainer.train()
+    assert list_checkpoints(config["output_dir"])[-1].name == "checkpoint-1"
+    assert (Path(config["output_dir"]) / "checkpoint-1" / "model.safetensors").read_bytes() == before
+
+
+def test_a_config_yaml_that_cannot_be_written_is_one_line(base_config):
+    out = Path(base_config["output_dir"])
+    out.mkdir(parents=True)
+    (out / "config.yaml").symlink_to("/dev/full")
+    with pytest.raises(sapo.ConfigError, match=r"could not write .*config.yaml: No space left on device"):
+        sapo.Trainer(sapo.TrainConfig(**base_config))

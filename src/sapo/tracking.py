@@ -11,6 +11,8 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .config import ConfigError
+
 
 def _optional(module: str, extra: str):
     import importlib
@@ -19,6 +21,21 @@ def _optional(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(f"report_to={extra!r} needs the {extra} extra: pip install 'sapo-rl[{extra}]'") from err
+
+
+class LogWriteError(ConfigError):
+    """A log line that could not be written (a full disk, say): one line naming the file."""
+
+
+def append_lines(path: Path, text: str) -> None:
+    """Append to a log; a failure stops the run with one line naming the file (a line cut short
+    by it is dropped at resume, and the last checkpoint is untouched)."""
+    try:
+        with path.open("a") as f:
+            f.write(text)
+    except OSError as err:
+        raise LogWriteError(f"could not write {path}: {err.strerror or err}; the last checkpoint is intact: make "
+                            "room (or fix the directory) and resume with resume_from_checkpoint=latest") from None
 
 
 def _clean(value: Any) -> Any:
@@ -52,8 +69,7 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, **{k: _clean(v) for k, v in metrics.items()}}) + "\n")
+        append_lines(self.metrics_path, json.dumps({"step": step, **{k: _clean(v) for k, v in metrics.items()}}) + "\n")
         if self.tensorboard is not None:
             for k, v in metrics.items():
                 self.tensorboard.add_scalar(k, v, step)
@@ -63,16 +79,13 @@ class RunLogger:
     def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
         if not self.enabled or not rows:
             return
-        with self.completions_path.open("a") as f:
-            for row in rows:
-                f.write(json.dumps({"step": step, **row}, default=str) + "\n")
+        append_lines(self.completions_path, "".join(json.dumps({"step": step, **row}, default=str) + "\n" for row in rows))
 
     def log_off_policy(self, step: int, stats) -> None:
         """Histograms of the off-policy token log-ratios (see diagnostics.py), one line per step."""
         if not self.enabled or stats.counts[0] == 0:
             return
-        with self.off_policy_path.open("a") as f:
-            f.write(json.dumps({"step": step, **stats.histograms()}) + "\n")
+        append_lines(self.off_policy_path, json.dumps({"step": step, **stats.histograms()}) + "\n")
 
     def close(self, exit_code: int = 0) -> None:
         """Idempotent: the trainer closes the logger however its run ends (`exit_code` 1 for a run

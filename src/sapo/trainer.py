@@ -103,7 +103,11 @@ class Trainer:
             self.logger = RunLogger(config.output_dir, config.report_to, config.to_dict(), enabled=self.acc.is_main_process,
                                     resume_step=self.start_step if self.resume_path else None, lock=lock)
             if self.acc.is_main_process:
-                Path(config.output_dir, "config.yaml").write_text(config.to_yaml())
+                try:
+                    Path(config.output_dir, "config.yaml").write_text(config.to_yaml())
+                except OSError as err:
+                    raise ConfigError(f"could not write {Path(config.output_dir, 'config.yaml')}: "
+                                      f"{err.strerror or err}") from None
         except BaseException:  # a Trainer that failed to start (kept alive by its traceback) holds nothing
             if lock is not None:
                 lock.release()
