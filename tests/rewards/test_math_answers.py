@@ -37,6 +37,8 @@ SLOW_WORKER = [sys.executable, "-c", (f"import runpy, time; time.sleep({SLOW_STA
     ("30", "\\boxed{\\angle ABC = 30}"), ("12", "\\boxed{\\text{Area} = 12}"),  # naming any quantity is too
     ("3", "\\boxed{\\frac{6}{2} = 3}"), ("3", "\\boxed{x = 6/2 = 3}"),  # a chain whose values agree
     ("2, 3", "\\boxed{x = 2, x = 3}"), ("2, 3", "\\boxed{x = 2 \\text{ or } x = 3}"),  # one value per piece
+    ("\\frac{1}{3}", "\\boxed{x = \\frac{1}{3} \\approx 0.33}"), ("3", "\\boxed{x \\approx 3}"),  # approximations
+    ("3", "\\boxed{x \\equiv 3 \\pmod{5}}"), ("3", "\\boxed{e = 3}"), ("(1,2)", "\\boxed{(x,y) = (1,2)}"),
     ("x=3", "\\boxed{x = 3}"), ("x>3", "\\boxed{x > 3}"), ("y=2x+1", "\\boxed{y = 2x+1}"),  # gold relations
     ("1, 3", "\\boxed{1 \\text{ or } 3}"), ("3", "\\boxed{\\{3\\}}"),
     ("3", "\\boxed{3} and later \\boxed{4"),  # a box cut off by the length limit does not count
@@ -54,8 +56,10 @@ def test_wrong_or_missing_answers_do_not(gold, completion):
 
 
 @pytest.mark.parametrize("gold,completion", [
-    ("3", "\\boxed{4 = 3}"), ("4", "\\boxed{\\frac{6}{2} = 4}"), ("3", "\\boxed{\\pi = 3}"),  # a false identity
-    ("3", "\\boxed{x = 2, x = 3}"), ("3", "\\boxed{x = }"),
+    ("3", "\\boxed{4 = 3}"), ("4", "\\boxed{\\frac{6}{2} = 4}"), ("3", "\\boxed{4 \\equiv 3 \\pmod{5}}"),  # false
+    ("3", "\\boxed{x = 2, x = 3}"), ("3", "\\boxed{x = }"), ("4", "\\boxed{x = 3 \\approx 4}"),
+    ("3", "\\boxed{(x = 4), x = 3}"), ("4", "\\boxed{x = 3 \\text{ or } (x = 4)}"),  # relations inside brackets
+    ("3", "\\boxed{\\boxed{3} = 4}"), ("3", "\\boxed{4 = \\boxed{3}}"),  # the outer box counts
     ("57", "\\boxed{x = 3 = 57}"), ("3", "\\boxed{a = b = 3}"), ("3", "\\boxed{4 == 3}"),  # chains
     ("3", "\\boxed{4 \\equiv 3}"), ("3", "\\boxed{2 \\implies 3}"), ("3", "\\boxed{x = 2 \\Rightarrow 3}"),
     ("3", "\\boxed{4 \\sim 3}"), ("3", "\\boxed{x \\to 3}"), ("3", "\\boxed{x := 3}"), ("3", "\\boxed{2 \\in 3}"),

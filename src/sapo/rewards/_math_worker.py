@@ -27,15 +27,19 @@ _AND = re.compile(r"∧|\\(?:land|wedge)(?![A-Za-z])")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last closed \\boxed{...} (or \\fbox{...}), braces balanced; None if there is none."""
-    for box in reversed(list(_BOX.finditer(text))):
+    """Content of the closed \\boxed{...} (or \\fbox{...}) that closes last, braces balanced (the
+    outer one of nested boxes); None if there is none."""
+    best: tuple[int, str] | None = None
+    for box in _BOX.finditer(text):
         depth, i = 1, box.end()
         while i < len(text):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             if depth == 0:
-                return text[box.end():i]
+                if best is None or i > best[0]:
+                    best = (i, text[box.end():i])
+                break
             i += 1
-    return None
+    return best[1] if best else None
 
 
 def final_answer(completion: str) -> str | None:
@@ -52,9 +56,10 @@ def _connectives_as_words(text: str) -> str:
     return _AND.sub(r" \\text{ and } ", _OR.sub(r" \\text{ or } ", text))
 
 
-def _pieces(answer: str) -> list[str]:
+def _pieces(answer: str) -> list[str] | None:
     """The answer split at its top-level commas, semicolons and "or"/"and" words: `x = 2, x = 3`
-    states two values. Commas inside brackets (an interval, a tuple, a set) do not split."""
+    states two values. Commas inside brackets (an interval, a tuple, a set) do not split; None
+    when the brackets do not balance (a piece such as `4)` would be read as something else)."""
     pieces, depth, start = [], 0, 0
     for match in re.finditer(r"[({\[]|[)}\]]|[,;]|\\text\{\s*(?:or|and)\s*\}", answer):
         token = match.group()
@@ -62,36 +67,57 @@ def _pieces(answer: str) -> list[str]:
             depth += 1
         elif token in ")}]":
             depth -= 1
+            if depth < 0:
+                return None
         elif depth == 0:
             pieces.append(answer[start:match.start()])
             start = match.end()
-    return [*pieces, answer[start:]]
+    return [*pieces, answer[start:]] if depth == 0 else None
+
+
+_APPROX = ("\\approx", "≈")
+_MOD = re.compile(r"\\(?:pmod\s*(?:\{[^{}]*\}|\S+)|bmod\s*\S+|mod\s*\S+)|\(\s*\\?mod\s*[^()]*\)")
 
 
 def _stated_value(answer: str, parse) -> str | None:
     """The value an answer that states relations gives, when the gold is a plain value; None when
     it states something else. Each piece (see _pieces) must be `value`, `name = value`, a chain
-    `name = v1 = v2` whose values all agree, or `name \\in set`; a left side that is itself a
-    number is a value that must agree too (`4 = 3` is no answer of 3, `\\frac{6}{2} = 3` is).
-    Any other relation (`x \\le 3`, `2 \\implies 3`, `x := 3`) states no value."""
+    `name = v1 = v2` whose values all agree, `name \\approx value`, `name \\equiv value \\pmod{m}`
+    or `name \\in set`; a trailing `\\approx v` after an exact value is left out. A left side
+    that is itself a number (it has a digit) is a value that must agree too (`4 = 3` is no
+    answer of 3, `\\frac{6}{2} = 3` is). Any other relation (`x \\le 3`, `2 \\implies 3`,
+    `x := 3`) states no value."""
     from math_verify import verify
 
     values = []
-    for piece in _pieces(answer):
+    for piece in _pieces(answer) or [None]:
+        if piece is None:
+            return None
         relations = list(_RELATION.finditer(piece))
+        if "\\equiv" in piece and _MOD.search(piece):  # a remainder: x \equiv 3 \pmod{5} states 3
+            piece = _MOD.sub(" ", piece).replace("\\equiv", "=")
+            relations = list(_RELATION.finditer(piece))
         if not relations:
             values.append(piece)
             continue
-        kinds = {r.group() for r in relations}
         parts = [piece[a.end() if a else 0:b.start() if b else len(piece)]
                  for a, b in zip([None, *relations], [*relations, None])]
-        if kinds <= {"\\in", "∈"} and len(parts) == 2 and not _is_number(parts[0], parse):
+        if not all(_balanced(part) for part in parts):
+            return None  # `(x = 4), x = 3`: a relation inside brackets, its parts read as something else
+        kinds = [r.group() for r in relations]
+        if len(kinds) > 1 and kinds[-1] in _APPROX:  # `x = \frac{1}{3} \approx 0.33`: the exact value counts
+            while kinds and kinds[-1] in _APPROX:
+                kinds.pop()
+                parts.pop()
+        if kinds in (["\\approx"], ["≈"]):
+            kinds = ["="]
+        if set(kinds) <= {"\\in", "∈"} and len(parts) == 2 and not _is_number(parts[0], parse):
             values.append(parts[1])
             continue
-        if kinds != {"="}:
+        if set(kinds) != {"="}:
             return None
         if not _is_number(parts[0], parse):
-            parts = parts[1:]  # what is named: `x`, `f(2)`, `\angle ABC`, `\text{Area}`
+            parts = parts[1:]  # what is named: `x`, `e`, `f(2)`, `\angle ABC`, `\text{Area}`
         parsed = [parse(f"${part}$") for part in parts]
         if not all(parsed) or not all(verify(parsed[0], other) for other in parsed[1:]):
             return None
@@ -99,7 +125,20 @@ def _stated_value(answer: str, parse) -> str | None:
     return ", ".join(values)
 
 
+def _balanced(text: str) -> bool:
+    depth = 0
+    for ch in text:
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _is_number(text: str, parse) -> bool:
+    """A left side with a digit that math-verify reads as a number (`4`, `\\frac{6}{2}`); names
+    that it reads as constants (`e`, `I`, `\\pi`) are names here."""
+    if not re.search(r"\d", text):
+        return False
     parsed = parse(f"${text}$")
     return bool(parsed) and getattr(parsed[0], "is_number", False) is True
 
