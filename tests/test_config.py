@@ -159,3 +159,10 @@ def test_yaml_merge_keys_and_unhashable_keys(tmp_path):
     path.write_text("? [1]\n: 2\n")
     with pytest.raises(ConfigError, match="is not valid YAML: .*found unhashable key"):
         TrainConfig.from_sources(path)
+
+
+def test_a_merge_key_given_twice_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task_kwargs:\n  <<: {digits: 1}\n  <<: {digits: 2}\n")
+    with pytest.raises(ConfigError, match=r"'<<' is given twice \(lines 2 and 3\); merge several mappings"):
+        TrainConfig.from_sources(path)

@@ -113,3 +113,9 @@ def test_a_registered_task_takes_the_options_its_loader_declares():
     finally:
         TASKS._entries.pop("plain_task", None)
         TASKS._entries.pop("open_task", None)
+
+
+def test_a_test_split_that_holds_every_problem_leaves_no_silent_empty_train_split():
+    with pytest.raises(ConfigError, match=r"only 0 problems are left for train once the 100 test problems are set "
+                                          r"aside at this difficulty; lower test_size"):
+        load_rows("arithmetic", task_kwargs={"digits": 1, "test_size": 100})

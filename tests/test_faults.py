@@ -300,3 +300,20 @@ def test_a_config_yaml_that_cannot_be_written_is_one_line(base_config):
     (out / "config.yaml").symlink_to("/dev/full")
     with pytest.raises(sapo.ConfigError, match=r"could not write .*config.yaml: No space left on device"):
         sapo.Trainer(sapo.TrainConfig(**base_config))
+
+
+def test_a_checkpoint_of_more_processes_resumes_with_a_note_and_manifest_names_stay_inside(two_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(two_checkpoints["output_dir"], out)
+    manifest = out / "checkpoint-2" / "manifest.json"
+    content = json.loads(manifest.read_text())
+    content["num_processes"] = 2
+    manifest.write_text(json.dumps(content))
+    notes = checkpoint.verify_checkpoint(out / "checkpoint-2", num_processes=1)
+    assert len(notes) == 1 and "saved by 2 processes and is resumed by 1" in notes[0]
+    for name, entry in [("../../outside", {"size": 1, "sha256": "0"}), ("optimizer.pt", {"size": True, "sha256": "0"})]:
+        bad = json.loads(json.dumps(content))
+        bad["files"][name] = entry
+        manifest.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="is not a valid manifest"):
+            checkpoint.verify_checkpoint(out / "checkpoint-2")

@@ -250,3 +250,10 @@ def test_rope_scaling_stretches_the_positions_a_model_takes():
         check_sequence_lengths(yarn, 2048, 130_000)
     with pytest.raises(sapo.ConfigError, match="exceed the model's 32768 positions"):
         check_sequence_lengths(AutoConfig.for_model("qwen2", max_position_embeddings=32768), 2048, 32_000)
+    # Llama 3.1 states the stretched length already (8192 x 8), beside the original.
+    llama = AutoConfig.for_model("llama", max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+    check_sequence_lengths(llama, 4096, 120_000)
+    with pytest.raises(sapo.ConfigError, match="exceed the model's 131072 positions"):
+        check_sequence_lengths(llama, 4096, 500_000)

@@ -247,9 +247,11 @@ def verify_checkpoint(path: Path, num_processes: int = 1) -> list[str]:
         if manifest.get("format") != _MANIFEST_FORMAT or not isinstance(files, dict):
             raise ValueError(f"format {manifest.get('format')!r}")
         for name, entry in files.items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+            if not (isinstance(entry, dict) and type(entry.get("size")) is int
                     and isinstance(entry.get("sha256"), str)):
                 raise ValueError(f"entry {name!r} is not {{size, sha256}}")
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"entry {name!r} is outside the checkpoint")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path} is not a valid manifest ({type(err).__name__}: {err})") from None
     for name in _required(num_processes):
@@ -271,6 +273,9 @@ def verify_checkpoint(path: Path, num_processes: int = 1) -> list[str]:
     for name, entry in files.items():
         if _sha256(path / name) != entry["sha256"]:
             raise CheckpointError(f"{path / name} does not match its sha256 in {MANIFEST} (corrupted bytes)")
+    if saved_by > num_processes:  # it resumes, but with the RNG states of the first processes only
+        return [f"note: {path.name} was saved by {saved_by} processes and is resumed by {num_processes}: the run goes "
+                f"on, but not exactly as it would have with {saved_by}"]
     return []
 
 

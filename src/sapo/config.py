@@ -51,6 +51,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
+        merges = [k for k, _ in node.value if k.tag == "tag:yaml.org,2002:merge"]
+        if len(merges) > 1:
+            raise ConfigError(f"'<<' is given twice (lines {merges[0].start_mark.line + 1} and "
+                              f"{merges[1].start_mark.line + 1}); merge several mappings with <<: [*a, *b]")
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *base` merges a mapping in, and the keys after it may override it

@@ -136,7 +136,10 @@ def check_sequence_lengths(model_config, max_prompt_length: int, max_completion_
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default"):
         # YaRN, linear or dynamic scaling stretch the positions a model was trained on by `factor`
         # (Qwen2.5's long-context setting keeps max_position_embeddings at 32768)
-        positions = int(positions * float(rope.get("factor") or 1.0))
+        # Llama 3.1 / DeepSeek configs already state the stretched length, with the original beside it.
+        factor = float(rope.get("factor") or 1.0)
+        original = rope.get("original_max_position_embeddings")
+        positions = max(positions, int(original * factor)) if isinstance(original, int) else int(positions * factor)
     if max_prompt_length + max_completion_length > positions:
         raise ConfigError(f"max_prompt_length={max_prompt_length} + max_completion_length={max_completion_length} "
                           f"= {max_prompt_length + max_completion_length} tokens exceed the model's "

@@ -93,10 +93,12 @@ class RunLogger:
         tensorboard, wandb, lock = self.tensorboard, self.wandb, self.lock
         self.tensorboard = self.wandb = self.lock = None
         try:
-            if tensorboard is not None:
-                tensorboard.close()
-            if wandb is not None:
-                wandb.finish(exit_code=exit_code)
+            try:
+                if tensorboard is not None:
+                    tensorboard.close()
+            finally:
+                if wandb is not None:
+                    wandb.finish(exit_code=exit_code)
         finally:
             if lock is not None:
                 lock.release()

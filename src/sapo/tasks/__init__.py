@@ -71,11 +71,14 @@ def split_problems(make: Callable[[random.Random], dict], split: str, seed: int,
             raise ValueError(f"only {len(test)} distinct problems exist at this difficulty; lower test_size")
     if split == "test":
         return list(test.values())
-    train = []
-    for _ in range(100 * train_size):
-        if len(train) == train_size:
-            break
+    train, misses = [], 0
+    while len(train) < train_size:
         problem = make(rng)
-        if problem[key] not in test:
-            train.append(problem)
+        if problem[key] in test:
+            misses += 1
+            if misses > 100 * max(train_size, 100):  # the test split holds (nearly) every problem there is
+                raise ValueError(f"only {len(train)} problems are left for train once the {test_size} test problems "
+                                 "are set aside at this difficulty; lower test_size or raise the difficulty")
+            continue
+        train.append(problem)
     return train
