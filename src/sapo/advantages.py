@@ -1,4 +1,4 @@
-"""Group-relative advantages (spec "Setting"): A_i = (R_i - mean_group R) / (std R + eps)."""
+"""Group-relative advantages (docs/algorithms.md, "Group advantages"): A_i = (R_i - mean_group R) / (std R + eps)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def _token_sum_norm(loss_BT: Tensor, mask_BT: Tensor, max_tokens: int | None) ->
 
 
 _AGGREGATIONS: dict[str, Aggregation] = {
-    # 1/B sum_i 1/|y_i| sum_t loss: the paper's J (spec "The unified objective").
+    # 1/B sum_i 1/|y_i| sum_t loss: the paper's J (docs/algorithms.md, "Aggregations").
     "seq-mean-token-mean": Aggregation(_seq_mean_token_mean, "sequences"),
     # sum loss / number of unmasked tokens (DAPO): long answers weigh more.
     "token-mean": Aggregation(_token_sum, "tokens"),

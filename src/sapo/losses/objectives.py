@@ -30,7 +30,7 @@ GSPO_EPSILON, GSPO_EPSILON_HIGH = 3e-4, 4e-4  # GSPO paper's bands, much tighter
 
 
 def soft_gate(ratio: Tensor, tau: Tensor | float) -> Tensor:
-    """SAPO's gate f(r) = 4/tau * sigmoid(tau (r - 1))  (arXiv 2511.20347, spec "SAPO (soft gate)").
+    """SAPO's gate f(r) = 4/tau * sigmoid(tau (r - 1))  (arXiv 2511.20347; docs/algorithms.md, "SAPO").
 
     Written as exp(logsigmoid(x)) so that autograd forms df/dr = 4 p sigmoid(-x) rather than
     4 p (1 - p): the latter cancels catastrophically in float32 once p is near 1.
@@ -47,7 +47,7 @@ def soft_gate_weight(ratio: Tensor, tau: Tensor | float) -> Tensor:
 
 
 def hard_gate(ratio: Tensor, positive: Tensor, eps_low: float, eps_high: float) -> Tensor:
-    """The clipped gate of GRPO/GSPO (spec "GRPO"): min(r, 1+eps_high) where A > 0,
+    """The clipped gate of GRPO/GSPO (docs/algorithms.md, "GRPO"): min(r, 1+eps_high) where A > 0,
     max(r, 1-eps_low) where A <= 0. Equal to PPO's -min(rA, clip(r)A) / -A; its gradient is
     exactly zero outside the band. clamp, not torch.minimum against a constant: on an edge
     (r = 1 on-policy with a zero width) minimum would give half its gradient to the constant."""
@@ -110,7 +110,7 @@ def grpo_loss(inputs: PolicyLossInputs, settings: PolicyLossSettings) -> TokenLo
 
 @register_policy_loss("gspo")
 def gspo_loss(inputs: PolicyLossInputs, settings: PolicyLossSettings) -> TokenLoss:
-    """GSPO-token (spec "GSPO"): s_i = exp(mean_t l_{i,t}) and s_{i,t} = sg[s_i] * pi/sg[pi],
+    """GSPO-token (docs/algorithms.md, "GSPO"): s_i = exp(mean_t l_{i,t}) and s_{i,t} = sg[s_i] * pi/sg[pi],
     hard-clipped like GRPO. With a sequence-wide advantage it has the value and gradient of the
     sequence form; it also accepts per-token advantages. Defaults eps = 3e-4, eps_high = 4e-4."""
     eps_low, eps_high = _clip_widths(settings, GSPO_EPSILON, GSPO_EPSILON_HIGH)
