@@ -57,7 +57,7 @@ class MathChecker:
     __main__ is re-imported and no torch state is forked. Besides the
     `workers` that check answers, the pool keeps `spares` more started, so that a worker killed
     at its time limit is replaced at once rather than after a new worker's start-up (seconds:
-    importing sympy); each spare costs a process's memory (about 0.3 GB)."""
+    importing sympy); each spare costs a process's memory (about 60 MB)."""
 
     def __init__(self, workers: int = 2, timeout: float = 5.0, memory_bytes: int = WORKER_MEMORY_BYTES,
                  spares: int = 1) -> None:

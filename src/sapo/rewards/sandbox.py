@@ -166,6 +166,7 @@ class Sandbox:
         # The system interpreter: the trainer's may live where an unprivileged uid cannot read (e.g. under /root).
         self.python = python or next((p for p in ("/usr/bin/python3",) if os.path.exists(p)), sys.executable)
         self._interpreter = os.path.realpath(self.python)
+        # The probe below runs a program as an isolated run would: isolated until it says otherwise.
         self._seccomp, self._cgroup_base, self._binds, self.isolated = b"", None, [], True
         self.isolated, why = self._probe_bubblewrap()
         if not self.isolated:
