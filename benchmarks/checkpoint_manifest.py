@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from sapo.checkpoint import rng_state, verify_checkpoint, write_manifest
 from sapo.demo import shipped_model_path
-from sapo.models import load_model
-from sapo.tiny import char_tokenizer, tiny_causal_lm
+from sapo.model.loading import load_model
+from sapo.model.tiny import char_tokenizer, tiny_causal_lm
+from sapo.training.checkpoint import rng_state, verify_checkpoint, write_manifest
 
 
 def checkpoint_like(model, out: Path) -> int:

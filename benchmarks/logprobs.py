@@ -115,7 +115,8 @@ def main() -> None:
                 print(f"{N:>6} ({key}) {VARIANTS[key]:<18} skipped: needs about {need / 1e9:.1f} GB, "
                       f"{_available_bytes() / 1e9:.1f} GB available")
                 continue
-            cmd = [sys.executable, __file__, "--one", key, str(N), "--device", args.device, "--repeats", str(args.repeats)]
+            cmd = [sys.executable, __file__, "--one", key, str(N), "--device", args.device,
+                   "--repeats", str(args.repeats)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
             done = subprocess.run(cmd, capture_output=True, text=True)

@@ -28,19 +28,21 @@ import torch
 def demo_minibatches():
     from sapo.data import load_rows, prepare_prompts
     from sapo.demo import demo_config
-    from sapo.models import load_model, load_tokenizer
-    from sapo.rollout import generate
-    from sapo.update import minibatch_plan
+    from sapo.engines import HFEngine, SamplingSettings
+    from sapo.model.loading import load_model, load_tokenizer
+    from sapo.training.rollout import Rollout
+    from sapo.training.update import minibatch_plan
 
     cfg = demo_config()
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
     rows = load_rows(cfg.dataset, split="train")[:cfg.prompts_per_step]
     prompts = prepare_prompts(rows, tokenizer, max_prompt_length=cfg.max_prompt_length, filter_overlong=True)
     n = len(prompts)
-    rollout = generate(model, prompts.prompt_ids, list(range(n)), group_size=cfg.num_generations,
-                       max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=1.0,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       seeds=list(range(n)), device=torch.device("cpu"))
+    engine = HFEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      device=torch.device("cpu"))
+    sampling = SamplingSettings(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature)
+    generation = engine.generate(prompts.prompt_ids, cfg.num_generations, sampling, seeds=list(range(n)))
+    rollout = Rollout.from_generation(generation, prompts, list(range(n)))
     plan = minibatch_plan(n, cfg.num_generations, cfg.num_minibatches, seed=0, step=0, iteration=0, first_position=0)
     return model, [rollout.select(idx) for idx in plan]
 
@@ -48,8 +50,8 @@ def demo_minibatches():
 def long_minibatches(prompts=8, G=8, P=128, shortest=16, longest=512, num_minibatches=4):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from sapo.rollout import Rollout
-    from sapo.update import minibatch_plan
+    from sapo.training.rollout import Rollout
+    from sapo.training.update import minibatch_plan
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
@@ -67,14 +69,15 @@ def long_minibatches(prompts=8, G=8, P=128, shortest=16, longest=512, num_miniba
 
 
 def compare(name: str, model, minibatches, repeats: int) -> None:
-    from sapo.logprobs import _PACKING_VERIFIED, completion_logprobs
-    from sapo.packing import pack_rows
+    from sapo.model.logprobs import _PACKING_VERIFIED, ForwardSettings, completion_logprobs
+    from sapo.model.packing import pack_rows
 
     model.train()
 
     def step(part, padding_free: bool) -> None:
+        forward = ForwardSettings(temperature=1.0, padding_free=padding_free)
         logp, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                      part.completion_mask, 1.0, with_entropy=True, padding_free=padding_free)
+                                      part.completion_mask, forward, with_entropy=True)
         logp.sum().backward()
         model.zero_grad(set_to_none=True)
 

@@ -31,8 +31,8 @@ def main() -> None:
 
     from sapo import policy_loss
     from sapo.demo import shipped_model_path
-    from sapo.logprobs import completion_logprobs
-    from sapo.models import load_model
+    from sapo.model.loading import load_model
+    from sapo.model.logprobs import ForwardSettings, completion_logprobs
 
     torch.manual_seed(0)
     model = load_model(str(shipped_model_path())).train()
@@ -48,8 +48,8 @@ def main() -> None:
 
     def step(record: bool) -> None:
         t = [time.perf_counter()]
-        logp, _ = completion_logprobs(model, prompt, prompt_mask, completion, completion_mask, 1.0,
-                                      with_entropy=True, chunk_size=args.chunk_size)
+        logp, _ = completion_logprobs(model, prompt, prompt_mask, completion, completion_mask,
+                                      ForwardSettings(temperature=1.0, chunk_size=args.chunk_size), with_entropy=True)
         t.append(time.perf_counter())
         out = policy_loss(logp, logp.detach() + 0.01, advantages, completion_mask, loss_type="sapo")
         t.append(time.perf_counter())

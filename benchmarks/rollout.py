@@ -9,7 +9,7 @@ other on the same model and prompts:
 
   plain generate   one `model.generate` call on the batch of prompts, each repeated G times
                    (what TRL's GRPOTrainer does without vLLM): G prefills per prompt
-  sapo-rl          `sapo.rollout.generate`, shared prefill (the trainer's default)
+  sapo-rl          the `hf` engine (`sapo.engines.HFEngine`), shared prefill (the trainer's default)
 
 Tokens per second count generated tokens up to and including EOS. Each variant runs once to
 warm up, then --repeats times; the fastest run is reported.
@@ -48,12 +48,11 @@ def plain_generate(model, prompts, G, max_new_tokens, eos, pad, device):
 
 
 def sapo_generate(model, prompts, G, max_new_tokens, eos, pad, device):
-    from sapo.rollout import generate
+    from sapo.engines import HFEngine, SamplingSettings
 
-    rollout = generate(model, prompts, list(range(len(prompts))), group_size=G, max_new_tokens=max_new_tokens,
-                       temperature=1.0, top_p=1.0, eos_token_id=eos, pad_token_id=pad,
-                       seeds=list(range(len(prompts))), device=torch.device(device))
-    return int(rollout.completion_mask.sum())
+    engine = HFEngine(model, eos_token_id=eos, pad_token_id=pad, device=torch.device(device))
+    generation = engine.generate(prompts, G, SamplingSettings(max_new_tokens=max_new_tokens), list(range(len(prompts))))
+    return int(generation.completion_mask.sum())
 
 
 def _lengths(new: torch.Tensor, eos: int) -> torch.Tensor:

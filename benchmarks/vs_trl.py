@@ -55,7 +55,7 @@ def demo_config(steps: int, seed: int, output_dir: Path):
 def run_sapo(cfg, out: Path) -> dict:
     import torch
 
-    from sapo.trainer import Trainer
+    from sapo.training.trainer import Trainer
 
     threads = torch.get_num_threads()
     trainer = Trainer(cfg)
@@ -71,7 +71,8 @@ def run_sapo(cfg, out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------- TRL
-TRL_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}  # as sapo.trainer
+# as sapo.training.trainer
+TRL_SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 def trl_config(cfg, out: Path):
@@ -154,7 +155,7 @@ def run_trl(cfg, out: Path) -> dict:
 
     from sapo import rewards as reward_lib
     from sapo.data import load_rows, prepare_prompts
-    from sapo.models import disable_dropout, load_model, load_tokenizer
+    from sapo.model.loading import disable_dropout, load_model, load_tokenizer
 
     threads = torch.get_num_threads()
     tokenizer = load_tokenizer(cfg.model)
@@ -248,11 +249,12 @@ def held_out(model_dir: str, cfg, seed: int) -> dict:
     """sapo eval's path: Pass@1, Pass@k and greedy accuracy on the task's test split."""
     import torch
 
-    from sapo import evaluation
     from sapo.data import load_rows, prepare_prompts
-    from sapo.models import load_model, load_tokenizer
-    from sapo.rewards import load_reward_function
+    from sapo.engines import HFEngine, SamplingSettings
+    from sapo.model.loading import load_model, load_tokenizer
+    from sapo.rewards import RewardSettings, load_reward_function
     from sapo.tasks import get_task
+    from sapo.training.evaluation import EvalSettings, evaluate
 
     task = get_task(cfg.eval_dataset or cfg.dataset)
     tokenizer = load_tokenizer(model_dir)
@@ -260,9 +262,12 @@ def held_out(model_dir: str, cfg, seed: int) -> dict:
     prompts = prepare_prompts(rows, tokenizer, max_prompt_length=10**6, filter_overlong=False, name=task.name)
     model = load_model(model_dir).eval()
     samples = cfg.eval_num_generations
-    totals = evaluation.evaluate(model, tokenizer, prompts, [load_reward_function(task.reward)], [1.0],
-                                 samples=samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_new_tokens=cfg.max_completion_length, seed=seed, device=torch.device("cpu"))
+    engine = HFEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      device=torch.device("cpu"))
+    sampling = SamplingSettings(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p)
+    settings = EvalSettings(samples=samples, greedy=True, sampling=sampling, rewards=RewardSettings(skip_errors=True),
+                            seed=seed)
+    totals = evaluate(engine, tokenizer, prompts, [load_reward_function(task.reward)], settings)
     metrics = totals.metrics()
     return {"pass@1": metrics["pass@1"], f"pass@{samples}": metrics[f"pass@{samples}"],
             "greedy_accuracy": metrics["greedy_accuracy"], "problems": totals.problems, "samples": samples}

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sapo.tiny import save_tiny_model
+from sapo.model.tiny import save_tiny_model
 
 REWARDS_PY = '''
 def first_char_parity(prompts, completions, **kwargs):

@@ -39,5 +39,6 @@ def test_padding_free_benchmark_runs_on_the_demo_setting():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "padding_free.py"), "--repeats", "1",
                            "--skip-long"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    padded, packed = (line.split() for line in done.stdout.splitlines() if line.strip().startswith(("padded", "padding-free")))
+    padded, packed = (line.split() for line in done.stdout.splitlines()
+                      if line.strip().startswith(("padded", "padding-free")))
     assert int(packed[1]) < int(padded[1])  # fewer tokens computed on a real rollout

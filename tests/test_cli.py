@@ -125,7 +125,8 @@ def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
         result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), *args],
                                 capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
-    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(tmp_path / "nope")], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(tmp_path / "nope")],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and "no such local model directory" in result.stderr
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)

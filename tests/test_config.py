@@ -1,6 +1,7 @@
 import pytest
 
-from sapo.config import ConfigError, TrainConfig, field_docs
+from sapo.config import TrainConfig, field_docs
+from sapo.errors import ConfigError
 
 
 def test_every_field_has_a_docstring():
@@ -42,7 +43,8 @@ def valid(tmp_path, **kw):
 
 @pytest.mark.parametrize("kw,message", [
     (dict(num_generations=1), r"num_generations=1 must be at least 2"),
-    (dict(prompts_per_step=3, num_generations=2, num_minibatches=4), r"num_minibatches=4 must divide the rollout batch"),
+    (dict(prompts_per_step=3, num_generations=2, num_minibatches=4),
+     r"num_minibatches=4 must divide the rollout batch"),
     (dict(loss_type="ppo"), r"loss_type='ppo' is not one of"),
     (dict(aggregation="token_mean"), r"Did you mean 'token-mean'"),
     (dict(scale_rewards="std"), r"scale_rewards='std'"),
@@ -102,22 +104,19 @@ def test_values_written_as_trl_takes_them(tmp_path):
         valid(tmp_path, learning_rate="fast")
 
 
-def test_reward_functions_given_as_python_functions_are_registered_by_name(tmp_path):
-    from sapo.rewards import load_reward_function
+def test_reward_functions_given_as_python_functions_are_kept_and_saved_by_name(tmp_path):
+    from sapo.rewards import REWARDS, load_reward_function
 
     def shortness_for_config_test(prompts, completions, **kwargs):
         return [1.0 / (1 + len(c)) for c in completions]
 
     config = valid(tmp_path, reward_funcs=[shortness_for_config_test, "exact_match"])
-    assert config.reward_funcs == ["shortness_for_config_test", "exact_match"]
+    assert config.reward_funcs == [shortness_for_config_test, "exact_match"]
+    assert config.to_dict()["reward_funcs"] == ["shortness_for_config_test", "exact_match"]
     assert "shortness_for_config_test" in config.to_yaml()
-    assert load_reward_function("shortness_for_config_test").fn is shortness_for_config_test
-    for _ in range(2):  # a def run again (a notebook cell) replaces its earlier self
-        def redefined_for_config_test(prompts, completions, **kwargs):
-            return [0.0] * len(completions)
-
-        assert valid(tmp_path, reward_funcs=(redefined_for_config_test,)).reward_funcs == ["redefined_for_config_test"]
-        assert load_reward_function("redefined_for_config_test").fn is redefined_for_config_test
+    assert "shortness_for_config_test" not in REWARDS  # a config changes no global registry
+    assert load_reward_function(shortness_for_config_test).fn is shortness_for_config_test  # the trainer's lookup
+    assert valid(tmp_path, reward_funcs=shortness_for_config_test).reward_funcs == [shortness_for_config_test]
     with pytest.raises(ConfigError, match=r"has no name to save in config.yaml"):
         valid(tmp_path, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(completions)])
 
@@ -125,7 +124,7 @@ def test_reward_functions_given_as_python_functions_are_registered_by_name(tmp_p
         return [0.0] * len(completions)
 
     with pytest.raises(ConfigError, match=r"the name 'exact_match' .* is taken by another reward function"):
-        valid(tmp_path, reward_funcs=exact_match)
+        load_reward_function(exact_match)
 
 
 def test_trl_names_point_to_ours():

@@ -1,8 +1,8 @@
 import pytest
 
-from sapo.config import ConfigError
 from sapo.data import load_rows, prepare_prompts, prompts_for_step
-from sapo.tiny import char_tokenizer
+from sapo.errors import ConfigError
+from sapo.model.tiny import char_tokenizer
 
 
 def test_each_epoch_visits_every_row_once_and_steps_are_reproducible():
@@ -24,7 +24,8 @@ def test_overlong_prompts_are_named_or_filtered():
 
 def test_missing_prompt_column_and_mixed_formats():
     with pytest.raises(ConfigError, match=r"no 'prompt' column \(columns: \['answer', 'question'\]\)"):
-        prepare_prompts([{"question": "q", "answer": "a"}], char_tokenizer(), max_prompt_length=9, filter_overlong=False)
+        prepare_prompts([{"question": "q", "answer": "a"}], char_tokenizer(), max_prompt_length=9,
+                        filter_overlong=False)
     mixed = [{"prompt": [{"role": "user", "content": "hi"}]}, {"prompt": "plain"}]
     with pytest.raises(ConfigError, match=r"row 1: 'prompt' must be a string in every row, or a list"):
         prepare_prompts(mixed, char_tokenizer(), max_prompt_length=99, filter_overlong=False)
@@ -57,13 +58,6 @@ def test_parquet_and_json(tmp_path):
     assert load_rows(str(tmp_path / "d.json")) == [{"prompt": "b", "answer": "2"}]
 
 
-def test_the_config_knows_the_dataset_file_suffixes():
-    from sapo.config import DATA_SUFFIXES
-    from sapo.data import FILE_FORMATS
-
-    assert set(FILE_FORMATS) == set(DATA_SUFFIXES)
-
-
 @pytest.mark.parametrize("name,content", [("blank.jsonl", "\n \n\n"), ("list.json", "[]"), ("object.json", "{ }")])
 def test_a_file_of_zero_rows_says_so(tmp_path, name, content):
     (tmp_path / name).write_text(content)
@@ -81,7 +75,8 @@ def test_a_parquet_file_of_zero_rows_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("task,options,message", [
-    ("arithmetic", {"digits": 1000000}, r"^arithmetic: task_kwargs.digits must be an integer from 1 to 40, got 1000000"),
+    ("arithmetic", {"digits": 1000000},
+     r"^arithmetic: task_kwargs.digits must be an integer from 1 to 40, got 1000000"),
     ("arithmetic", {"digits": "3"}, r"task_kwargs.digits must be an integer from 1 to 40, got '3'"),
     ("arithmetic", {"operands": True}, r"task_kwargs.operands must be an integer from 2 to 50, got True"),
     ("arithmetic", {"ops": 3}, r"task_kwargs.ops must be made of '\+' and '-'"),

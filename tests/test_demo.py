@@ -10,11 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sapo
-from sapo import evaluation
 from sapo.data import load_rows, prepare_prompts
 from sapo.demo import demo_config, shipped_model_path
-from sapo.models import load_model, load_tokenizer
-from sapo.rewards import load_reward_function
+from sapo.engines import HFEngine, SamplingSettings
+from sapo.model.loading import load_model, load_tokenizer
+from sapo.rewards import RewardSettings, load_reward_function
+from sapo.training.evaluation import EvalSettings, evaluate
 
 # docs/demo.md: `sapo eval <shipped model> --task arithmetic --samples 8` on this machine.
 DOCUMENTED = {"pass@1": 0.199, "pass@k": 0.715, "greedy_accuracy": 0.340}
@@ -24,9 +25,11 @@ def held_out(model_dir, problems=200):
     tokenizer = load_tokenizer(model_dir)
     prompts = prepare_prompts(load_rows("arithmetic", split="test")[:problems], tokenizer, max_prompt_length=64,
                               filter_overlong=False)
-    return evaluation.evaluate(load_model(model_dir).eval(), tokenizer, prompts, [load_reward_function("arithmetic")],
-                               [1.0], samples=8, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=0,
-                               device=torch.device("cpu"))
+    engine = HFEngine(load_model(model_dir).eval(), eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    settings = EvalSettings(samples=8, greedy=True, sampling=SamplingSettings(max_new_tokens=6),
+                            rewards=RewardSettings(skip_errors=True), seed=0)
+    return evaluate(engine, tokenizer, prompts, [load_reward_function("arithmetic")], settings)
 
 
 def test_shipped_model_loads_with_plain_transformers():

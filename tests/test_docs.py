@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapo.losses import registry
+from sapo.algorithms import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

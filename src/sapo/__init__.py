@@ -2,10 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .advantages import group_advantages
-from .chunked_logprobs import token_logprobs
-from .config import ConfigError, TrainConfig
-from .losses import (
+from . import tasks as _tasks  # noqa: F401  (the built-in tasks register themselves and their rewards)
+from .algorithms import (
     LOG_RATIO_CLAMP,
     PolicyLossInputs,
     PolicyLossOutput,
@@ -15,12 +13,16 @@ from .losses import (
     aggregation_denominator,
     available_aggregations,
     available_policy_losses,
+    group_advantages,
     hard_gate,
     policy_loss,
     register_policy_loss,
     soft_gate,
     soft_gate_weight,
 )
+from .config import TrainConfig
+from .errors import ConfigError
+from .model.chunked_logprobs import token_logprobs
 
 try:
     __version__ = version("sapo-rl")
@@ -31,7 +33,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 def __getattr__(name: str):
     # The trainer pulls in transformers and accelerate: import it only when asked for.
     if name in ("Trainer", "train"):
-        from . import trainer
+        from .training import trainer
 
         return getattr(trainer, name)
     raise AttributeError(f"module 'sapo' has no attribute {name!r}")

@@ -8,7 +8,7 @@ import sys
 
 def _cmd_losses(args: argparse.Namespace) -> int:
     from . import available_aggregations, available_policy_losses
-    from .losses import get_policy_loss
+    from .algorithms import get_policy_loss
 
     print("Policy objectives (loss_type):")
     for name in available_policy_losses():
@@ -32,15 +32,14 @@ def config_reference(markdown: bool = False) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .rewards import RewardError
+    from .errors import ConfigError, RewardError
 
     if args.help_config:
         print(config_reference(markdown=args.markdown))
         return 0
     try:
         config = _load_config(args.args)
-        from .trainer import Trainer
+        from .training.trainer import Trainer
 
         Trainer(config).train()
     except (ConfigError, RewardError) as err:
@@ -56,12 +55,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import Progress
 
-    from . import evaluation
-    from .config import ConfigError
     from .data import load_rows, prepare_prompts
-    from .models import load_model, load_tokenizer
-    from .rewards import load_reward_function
-    from .tasks import get_task
+    from .engines import HFEngine, SamplingSettings
+    from .errors import ConfigError
+    from .model.loading import load_model, load_tokenizer
+    from .rewards import RewardSettings, load_reward_function
+    from .tasks import available_tasks, get_task
+    from .training.evaluation import EvalSettings, evaluate
 
     try:
         if args.samples < 1:
@@ -88,25 +88,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: no CUDA device is available here")
-        from .tasks import available_tasks
-
         if args.task not in available_tasks():
             raise ConfigError(f"--task {args.task!r} is not a built-in task ({available_tasks()}); sapo eval "
                               "evaluates those. For your own data, train with eval_dataset=<file>")
         task = get_task(args.task)
         tokenizer = load_tokenizer(args.model)
-        rows = load_rows(args.task, split="test", task_kwargs=_kwargs(args.task_kwargs), field="--task")[: args.problems]
+        rows = load_rows(args.task, split="test", task_kwargs=_kwargs(args.task_kwargs),
+                         field="--task")[: args.problems]
         prompts = prepare_prompts(rows, tokenizer, max_prompt_length=10**6, filter_overlong=False, name=args.task)
         model = load_model(args.model).to(device).eval()
     except (ConfigError, ValueError, OSError) as err:
         print(f"sapo eval: error: {err}", file=sys.stderr)
         return 2
+    sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                max_num_seqs=args.max_num_seqs)
+    settings = EvalSettings(samples=args.samples, greedy=True, sampling=sampling,
+                            rewards=RewardSettings(skip_errors=True), seed=args.seed)
+    engine = HFEngine(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, device=device)
     with Progress(disable=not sys.stderr.isatty()) as bar:
         job = bar.add_task(f"eval {args.task}", total=len(prompts))
-        totals = evaluation.evaluate(model, tokenizer, prompts, [load_reward_function(task.reward)], [1.0],
-                                     samples=args.samples, temperature=args.temperature, top_p=1.0,
-                                     max_new_tokens=args.max_new_tokens, seed=args.seed, device=device,
-                                     max_sequences=args.max_num_seqs, on_batch=lambda n: bar.advance(job, n))
+        totals = evaluate(engine, tokenizer, prompts, [load_reward_function(task.reward)], settings,
+                          on_batch=lambda n: bar.advance(job, n))
     metrics = totals.metrics()
     result = {"pass@1": metrics["pass@1"], "pass@k": metrics[f"pass@{args.samples}"], "k": args.samples,
               "greedy_accuracy": metrics["greedy_accuracy"], "samples": args.samples, "problems": totals.problems,
@@ -169,8 +171,9 @@ def _load_config(items: list[str], *, fixed_by: dict[str, str] | None = None):
     """An optional leading CONFIG.yaml, then key=value overrides. When neither names a `model`
     or a `dataset`, they apply on top of the built-in demo setting (sapo.demo). `fixed_by` maps
     fields the command sets itself to the option that sets them: naming one is an error."""
-    from .config import ConfigError, TrainConfig, read_yaml_mapping
+    from .config import TrainConfig, read_yaml_mapping
     from .demo import demo_settings
+    from .errors import ConfigError
 
     items = list(items)
     path = items.pop(0) if items and "=" not in items[0] else None
@@ -197,10 +200,9 @@ RUN_FIELDS = {"seed": "--seeds", "output_dir": "--out (a directory per arm and s
 def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int:
     import shlex
 
-    from .config import ConfigError
-    from .experiments import run_all
-    from .report import build_report
-    from .rewards import RewardError
+    from .errors import ConfigError, RewardError
+    from .experiments.report import build_report
+    from .experiments.runs import run_all
 
     try:
         base = _load_config(args.args, fixed_by=RUN_FIELDS).to_dict()
@@ -208,11 +210,11 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
         overridden = sorted({k for run in runs for k in run.overrides} & {i.split("=", 1)[0] for i in args.args})
         if overridden:
             raise ConfigError(f"{', '.join(overridden)} is set for every run and varied by the "
-                              f"{'--loss-types' if args.command == 'compare' else '--grid'} option: give it in one place")
+                              f"{'--loss-types' if args.command == 'compare' else '--grid'} option: "
+                              "give it in one place")
         dirs = run_all(base, runs, args.out or default_out)
-        report = build_report(dirs, args.out or default_out, threshold=args.threshold,
-                              title=f"sapo {args.command}", command="sapo " + shlex.join(sys.argv[1:] if args.argv is None
-                                                                                       else args.argv),
+        report = build_report(dirs, args.out or default_out, threshold=args.threshold, title=f"sapo {args.command}",
+                              command="sapo " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
                               log=lambda message: print(f"sapo {args.command}: {message}", file=sys.stderr))
     except (ConfigError, RewardError) as err:
         print(f"sapo {args.command}: error: {err}", file=sys.stderr)
@@ -222,26 +224,28 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .experiments import compare_runs
+    from .experiments.runs import compare_runs
 
     return _run_experiment(args, lambda a: compare_runs(_csv(a.loss_types, str, "--loss-types"),
                                                         _csv(a.seeds, int, "--seeds")), "outputs/compare")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .experiments import parse_grid, sweep_runs
+    from .experiments.runs import parse_grid, sweep_runs
 
-    return _run_experiment(args, lambda a: sweep_runs(parse_grid(a.grid), _csv(a.seeds, int, "--seeds")), "outputs/sweep")
+    return _run_experiment(args, lambda a: sweep_runs(parse_grid(a.grid), _csv(a.seeds, int, "--seeds")),
+                           "outputs/sweep")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .report import build_report
+    from .experiments.report import build_report
 
     dirs = []
     for root in map(Path, args.run_dirs):  # a run, or a compare/sweep directory holding runs
-        dirs += [p.parent for p in sorted(root.rglob("summary.json"))] if not (root / "summary.json").is_file() else [root]
+        dirs += ([p.parent for p in sorted(root.rglob("summary.json"))] if not (root / "summary.json").is_file()
+                 else [root])
     try:
         report = build_report(dirs, args.out or args.run_dirs[0], threshold=args.threshold,
                               log=lambda message: print(f"sapo report: {message}", file=sys.stderr))
@@ -255,7 +259,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .plots import plot_gates
+    from .experiments.plots import plot_gates
 
     problem = None
     if not (0 < args.tau_pos < float("inf") and 0 < args.tau_neg < float("inf")):
@@ -272,7 +276,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _csv(text: str, kind, option: str) -> list:
     """A comma-separated option's distinct values, in order; none, or one that is not a `kind`,
     is a ConfigError naming the option."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     try:
         values = [kind(x.strip()) for x in text.split(",") if x.strip()]
@@ -302,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "model or a dataset, they apply on top of the built-in demo (SAPO on the arithmetic "
                            "task from the shipped model); `sapo train` alone runs the demo.")
     train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
-    train.add_argument("--help-config", action="store_true", help="list every config field with its default and meaning")
+    train.add_argument("--help-config", action="store_true",
+                       help="list every config field with its default and meaning")
     train.add_argument("--markdown", action="store_true", help="with --help-config: print a markdown table")
     train.set_defaults(func=_cmd_train)
 

@@ -12,38 +12,22 @@ import difflib
 import importlib.util
 import inspect
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from .advantages import SCALES
-from .losses import available_aggregations, available_policy_losses
+from .algorithms import SCALES, available_aggregations, available_policy_losses, check_settings
+from .errors import ConfigError
+from .trl_names import TRL_FIELDS, TRL_LOSS_TYPES, from_trl
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
-
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # dataset files (data.FILE_FORMATS); other names are tasks
-# Settings a built-in objective ignores.
-UNUSED_BY = {"sapo": frozenset({"epsilon", "epsilon_high"}), "grpo": frozenset({"tau_pos", "tau_neg"}),
-             "gspo": frozenset({"tau_pos", "tau_neg"})}
-# Fields a continued run may change without becoming a different run (see run_differences).
-CONTINUABLE = frozenset({
-    "max_steps", "eval_dataset", "eval_steps", "eval_num_generations", "eval_greedy", "save_steps", "save_total_limit",
-    "resume_from_checkpoint", "output_dir", "report_to", "log_completions", "micro_batch_size", "logprob_chunk_size",
-    "padding_free", "max_num_seqs", "skip_reward_errors", "allow_unsandboxed_code", "max_nonfinite_steps",
-})
-
-
-class ConfigError(ValueError):
-    """A configuration or input problem, with a message that names the field and the fix."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -89,11 +73,6 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def describe_differences(differences: list[str]) -> str:
-    """The first few differences, for an error message."""
-    return "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
-
-
 @dataclass
 class TrainConfig:
     # --- model and data ---
@@ -110,8 +89,9 @@ class TrainConfig:
     """Options of a built-in task, e.g. {digits: 3, operands: 3} (`sapo tasks` lists them)."""
     eval_dataset: str | None = None
     """Held-out prompts in the same format, scored every `eval_steps`; None: no evaluation."""
-    reward_funcs: list[str] = field(default_factory=list)
-    """Reward functions: "path/to/file.py:function", "package.module:function" or built-in names."""
+    reward_funcs: list[str | Callable] = field(default_factory=list)
+    """Reward functions: "path/to/file.py:function", "package.module:function" or built-in names;
+    from Python also the functions themselves (config.yaml keeps their names)."""
     reward_weights: list[float] | None = None
     """One weight per reward function; None weighs them all 1.0."""
     skip_reward_errors: bool = False
@@ -241,7 +221,7 @@ class TrainConfig:
         # the Python API gets the same checks as YAML files and the command line.
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = _from_trl(f.name, getattr(self, f.name))
+            value = from_trl(f.name, getattr(self, f.name))
             object.__setattr__(self, f.name, _coerce(f.name, value, hints[f.name]))
 
     # ---------------------------------------------------------------- loading
@@ -275,11 +255,16 @@ class TrainConfig:
                     hints.append(f"{key!r} (TRL's; here: {TRL_FIELDS[key]})")
                 else:
                     hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-            raise ConfigError(f"unknown config field(s): {', '.join(hints)}. `sapo train --help-config` lists them all.")
+            raise ConfigError(f"unknown config field(s): {', '.join(hints)}. "
+                              "`sapo train --help-config` lists them all.")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values, as config.yaml keeps them: a reward function given as a Python object
+        by its name (a resumed run passes the function again)."""
+        values = dataclasses.asdict(self)
+        values["reward_funcs"] = [reward_name(f) for f in self.reward_funcs]
+        return values
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -293,45 +278,6 @@ class TrainConfig:
             return None
         known = {f.name for f in dataclasses.fields(cls)}
         return cls.from_dict({k: v for k, v in read_yaml_mapping(path).items() if k in known})
-
-    def run_differences(self, other: "TrainConfig", *, may_change: frozenset[str] | None = None,
-                        other_cwd: str | None = None) -> list[str]:
-        """The settings that make `other` (a run started in `other_cwd`, default the current
-        directory) a different training run from this one, as "field: other's value -> this
-        value". A setting differs only if both its spelling and its effect differ: local files
-        are the same if named alike (a moved project) or if they resolve to the same path (named
-        from another directory); the objective's unused knobs and default reward weights do not
-        count. `may_change` (default CONTINUABLE) are the fields a continued run may change;
-        `max_steps` only where the learning rate schedule does not depend on it."""
-        may_change = CONTINUABLE if may_change is None else may_change
-        if self.lr_scheduler != "constant":
-            may_change = may_change - {"max_steps"}
-        if self.loss_type == other.loss_type:  # the knobs of other objectives do not matter
-            may_change = may_change | UNUSED_BY.get(self.loss_type, frozenset())
-        given, their_given = self.to_dict(), other.to_dict()
-        mine, theirs = self._effective(os.getcwd()), other._effective(other_cwd or os.getcwd())
-        return [f"{k}: {their_given[k]!r} -> {given[k]!r}" for k in mine
-                if k not in may_change and mine[k] != theirs[k] and given[k] != their_given[k]]
-
-    def _effective(self, cwd: str) -> dict[str, Any]:
-        """Values by their effect: local files as absolute paths seen from `cwd`, the default
-        reward weights written out."""
-        def local(path: str) -> str:
-            return str((Path(cwd) / path).resolve())  # an absolute path stays itself
-
-        def reward(spec: str) -> str:
-            module, sep, name = spec.rpartition(":")
-            return f"{local(module)}:{name}" if sep and module.endswith(".py") else spec
-
-        values = self.to_dict()
-        values["model"] = local(values["model"]) if values["model"] else values["model"]
-        for key in ("dataset", "eval_dataset"):  # a built-in task's name is not a path
-            if values[key] and Path(values[key]).suffix in DATA_SUFFIXES:
-                values[key] = local(values[key])
-        values["reward_funcs"] = [reward(r) for r in values["reward_funcs"]]
-        if values["reward_weights"] is None:
-            values["reward_weights"] = [1.0] * len(values["reward_funcs"])
-        return values
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> "TrainConfig":
@@ -359,7 +305,8 @@ class TrainConfig:
         _require(self.temperature > 0 and math.isfinite(self.temperature), "temperature", self.temperature,
                  "must be a positive number")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _require(0 <= self.learning_rate < math.inf, "learning_rate", self.learning_rate, "must be a finite number >= 0")
+        _require(0 <= self.learning_rate < math.inf, "learning_rate", self.learning_rate,
+                 "must be a finite number >= 0")
         _require(0 <= self.max_grad_norm < math.inf, "max_grad_norm", self.max_grad_norm,
                  "must be a finite number >= 0 (0 disables clipping)")
         _require(0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay, "must be a finite number >= 0")
@@ -380,13 +327,18 @@ class TrainConfig:
             _choice("report_to", reporter, REPORTERS)
             module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(reporter)
             if module and importlib.util.find_spec(module) is None:
-                raise ConfigError(f"report_to={reporter!r} needs the {reporter} package: pip install 'sapo-rl[{reporter}]'")
-        from .losses.policy_loss import check_settings
-
+                raise ConfigError(f"report_to={reporter!r} needs the {reporter} package: "
+                                  f"pip install 'sapo-rl[{reporter}]'")
         try:
             check_settings(self.tau_pos, self.tau_neg, self.epsilon, self.epsilon_high, self.beta)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        functions = [f for f in self.reward_funcs if callable(f)]
+        for i, fn in enumerate(functions):
+            twin = next((g for g in functions[:i] if g.__name__ == fn.__name__ and g is not fn), None)
+            if twin is not None:
+                raise ConfigError(f"reward_funcs: {twin!r} and {fn!r} are both named {fn.__name__!r}; config.yaml "
+                                  "keeps names only, so a resume could not tell them apart: rename one")
         if self.reward_weights is not None:
             _require(len(self.reward_weights) == len(self.reward_funcs), "reward_weights", self.reward_weights,
                      f"needs one weight per reward function ({len(self.reward_funcs)})")
@@ -403,8 +355,9 @@ class TrainConfig:
         try:
             self.prompt_template.format(question="")
         except (KeyError, IndexError, ValueError, AttributeError) as err:
-            raise ConfigError(f"prompt_template={self.prompt_template!r} is not a valid template ({type(err).__name__}: "
-                              f"{err}): its only field is {{question}}, and literal braces are written {{{{ }}}}") from None
+            raise ConfigError(f"prompt_template={self.prompt_template!r} is not a valid template "
+                              f"({type(err).__name__}: {err}): its only field is {{question}}, and literal braces "
+                              f"are written {{{{ }}}}") from None
         import torch
 
         _require(self.dtype != "float16" or torch.cuda.is_available(), "dtype", self.dtype,
@@ -425,62 +378,17 @@ def _choice(name: str, value: Any, choices: Any) -> None:
         raise ConfigError(f"{name}={value!r} is not one of {choices}.{hint}")
 
 
-# TRL GRPOConfig fields that are not ours, and what stands for them here (docs/training.md).
-TRL_FIELDS = {
-    "steps_per_generation": "num_minibatches = steps_per_generation / gradient_accumulation_steps, the optimizer "
-                            "steps per rollout batch",
-    "generation_batch_size": "prompts_per_step = generation_batch_size / num_generations",
-    "per_device_train_batch_size": "micro_batch_size (responses per forward pass); a minibatch is "
-                                   "prompts_per_step * num_generations / num_minibatches responses",
-    "gradient_accumulation_steps": "none: each minibatch is one optimizer step, split in micro_batch_size pieces",
-    "num_train_epochs": "max_steps (rollout steps)",
-    "lr_scheduler_type": "lr_scheduler",
-    "importance_sampling_level": "loss_type=gspo for the sequence level",
-    "sapo_temperature_pos": "tau_pos",
-    "sapo_temperature_neg": "tau_neg",
-}
-# TRL loss_type values that are an aggregation (and reward scaling) here.
-TRL_LOSS_TYPES = {
-    "dapo": "loss_type=grpo aggregation=token-mean",
-    "bnpo": "loss_type=grpo aggregation=token-mean",
-    "dr_grpo": "loss_type=grpo aggregation=seq-mean-token-sum-norm scale_rewards=none",
-}
+def reward_name(fn: str | Callable) -> str:
+    """What config.yaml keeps of a reward function: its spec, or a Python function's name."""
+    return fn if isinstance(fn, str) else fn.__name__
 
 
-def _from_trl(name: str, value: Any) -> Any:
-    """Values written as TRL takes them: scale_rewards true/false, resume_from_checkpoint true,
-    report_to "none", and reward functions given as Python functions (registered by name)."""
-    if name == "scale_rewards" and isinstance(value, bool):
-        return "group" if value else "none"
-    if name == "resume_from_checkpoint" and isinstance(value, bool):
-        return "latest" if value else None
-    if name == "report_to" and value in ("none", ["none"]):
-        return ["jsonl"]
-    if name == "reward_funcs":
-        funcs = value if isinstance(value, (list, tuple)) else [value]
-        if any(callable(f) for f in funcs):
-            return [_reward_name(f) if callable(f) else f for f in funcs]
-    return value
-
-
-def _reward_name(fn: Any) -> str:
-    """A reward function given as a Python object goes into the reward registry under its name,
-    which is what config.yaml keeps (a resumed run passes the function again)."""
-    from .rewards import REWARDS, available_rewards
-
-    name = getattr(fn, "__name__", None)
-    if not name or name == "<lambda>":
-        raise ConfigError(f"reward_funcs: {fn!r} has no name to save in config.yaml; define it with def, or register "
+def _named_function(name: str, fn: Callable) -> Callable:
+    """A function given in place of a name must have one to be saved under (not a lambda)."""
+    if getattr(fn, "__name__", "<lambda>") == "<lambda>":
+        raise ConfigError(f"{name}: {fn!r} has no name to save in config.yaml; define it with def, or register "
                           "it with @sapo.rewards.register_reward('name') and give that name")
-    available_rewards()  # the built-in names are taken first
-    existing = REWARDS.get(name) if name in REWARDS else fn
-    redefined = (getattr(existing, "__module__", None), getattr(existing, "__qualname__", None)) == \
-        (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))  # the same def, run again
-    if not redefined:
-        raise ConfigError(f"reward_funcs: the name {name!r} of {fn!r} is taken by another reward function; register "
-                          "yours under another name with @sapo.rewards.register_reward('other_name')")
-    REWARDS.add(name, fn, replace=True)
-    return name
+    return fn
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -493,6 +401,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         raise ConfigError(f"{name} cannot be empty (null)")
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1 and callable(value) and not isinstance(value, type):  # str | Callable
+            return _named_function(name, value)
         return _coerce(name, value, inner[0])
     if origin is dict:
         if not isinstance(value, dict):

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
+from .rewards.math_answers import last_boxed
+from .tasks import available_tasks, get_task
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -22,8 +24,6 @@ def load_rows(spec: str, *, split: str = "train", task_kwargs: dict[str, Any] | 
     """Rows of a local .jsonl / .json / .parquet file, or of a built-in task (whose problems
     depend on its own `seed` option, 0 by default, not on the training seed: runs with
     different seeds are evaluated on the same held-out problems)."""
-    from .tasks import available_tasks, get_task
-
     path = Path(spec)
     if path.suffix in FILE_FORMATS:
         if not path.is_file():
@@ -89,6 +89,8 @@ class PromptSet:
     rows: list[dict[str, Any]]
     prompt_ids: list[list[int]]
     conversational: bool
+    pad_token_id: int = 0
+    """What left-pads the prompts in a batch (masked out; the tokenizer's pad token)."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -138,7 +140,7 @@ def prepare_prompts(rows: list[dict[str, Any]], tokenizer, *, max_prompt_length:
     keep = [i for i in range(len(rows)) if i not in dropped]
     if not keep:
         raise ConfigError(f"every prompt in {name} is longer than max_prompt_length={max_prompt_length}")
-    return PromptSet([rows[i] for i in keep], [ids[i] for i in keep], conversational)
+    return PromptSet([rows[i] for i in keep], [ids[i] for i in keep], conversational, tokenizer.pad_token_id or 0)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -163,7 +165,8 @@ def _epoch_order(seed: int, epoch: int, num_rows: int) -> list[int]:
     return torch.randperm(num_rows, generator=generator).tolist()
 
 
-def gsm8k_rows(path: str, template: str = "{question}\nPut your final answer within \\boxed{{}}.") -> list[dict[str, Any]]:
+def gsm8k_rows(path: str,
+               template: str = "{question}\nPut your final answer within \\boxed{{}}.") -> list[dict[str, Any]]:
     """A local GSM8K-style file (`question`, `answer` ending in "#### 42") as trainer rows:
     `prompt` from the template, `answer` the number after ####, without thousands separators."""
     rows = []
@@ -175,10 +178,9 @@ def gsm8k_rows(path: str, template: str = "{question}\nPut your final answer wit
     return rows
 
 
-def math_rows(path: str, template: str = "{question}\nPut your final answer within \\boxed{{}}.") -> list[dict[str, Any]]:
+def math_rows(path: str,
+              template: str = "{question}\nPut your final answer within \\boxed{{}}.") -> list[dict[str, Any]]:
     """A local MATH-style file (`problem`, `solution` with a \\boxed{} answer) as trainer rows."""
-    from .rewards.math_answers import last_boxed
-
     rows = []
     for i, row in enumerate(load_rows(path)):
         gold = last_boxed(str(row.get("solution", "")))

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .model.tiny import char_tokenizer, tiny_causal_lm
 from .tasks import get_task
-from .tiny import char_tokenizer, tiny_causal_lm
 
 
 def warmstart(out_dir: str | Path, *, task: str = "arithmetic", task_kwargs: dict | None = None, steps: int = 1300,
@@ -44,8 +44,10 @@ def warmstart(out_dir: str | Path, *, task: str = "arithmetic", task_kwargs: dic
     for step in range(steps):
         batch = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
         input_ids, labels = _pack([prompts[i] for i in batch], [targets[i] for i in batch], tokenizer.pad_token_id)
-        logits = model(input_ids=input_ids, attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id)).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        logits = model(input_ids=input_ids,
+                       attention_mask=(labels != -100) | (input_ids != tokenizer.pad_token_id)).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

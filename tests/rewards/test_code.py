@@ -43,7 +43,8 @@ def test_assert_style_tests_and_no_tests(reward):
 
 
 def test_exiting_early_does_not_pass_assert_tests(reward):
-    for cheat in ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)"):
+    for cheat in ("import sys\nsys.exit(0)", "import os\nos._exit(0)",
+                  "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)"):
         program = fenced(f"{cheat}\ndef add(a, b):\n    return 0")
         assert reward(["p"], [program], [["assert add(1, 2) == 3"]]) == [0.0], cheat
 
@@ -119,8 +120,10 @@ BAD_TESTS = {
     "misspelt key": ({"input": "", "ouput": "1"}, r"unknown field\(s\) \['ouput'\]"),
     "inputs not a list": ({"fn_name": "f", "inputs": 3, "output": 1}, r"'inputs' must be a list"),
     "no fn_name": ({"testtype": "functional", "input": "1", "output": "1"}, r"needs 'fn_name'.*func_name"),
-    "bad JSON lines": ({"testtype": "functional", "fn_name": "f", "input": "{x", "output": "1"}, r"one JSON value per line"),
-    "unknown testtype": ({"testtype": "batch", "input": "", "output": "1"}, r"'testtype' must be 'stdin' or 'functional'"),
+    "bad JSON lines": ({"testtype": "functional", "fn_name": "f", "input": "{x", "output": "1"},
+                       r"one JSON value per line"),
+    "unknown testtype": ({"testtype": "batch", "input": "", "output": "1"},
+                         r"'testtype' must be 'stdin' or 'functional'"),
     "expected a set": ({"fn_name": "f", "inputs": [1], "output": {1, 2}}, r"expected value.*a set"),
     "NaN argument": ({"fn_name": "f", "inputs": [float("nan")], "output": 1}, r"arguments.*NaN"),
     "not a dict": (42, r"is a int; a test is a dict"),
@@ -144,7 +147,8 @@ def test_timeouts_are_counted():
     runner = CodeRunner(Sandbox(limits))
     slow = fenced("import time\ndef f():\n    time.sleep(3)\n    return 1\ntime.sleep(3)")
     got = code_tests_reward(runner=runner)([""] * 3, [slow, slow, fenced("def f():\n    return 1")],
-                                           [[{"input": "", "output": "1"}], [{"fn_name": "f", "inputs": [], "output": 1}],
+                                           [[{"input": "", "output": "1"}],
+                                            [{"fn_name": "f", "inputs": [], "output": 1}],
                                             [{"fn_name": "f", "inputs": [], "output": 1}]])
     assert got == [0.0, 0.0, 1.0]
     assert runner.metrics() == {"infra_errors": 0.0, "timeouts": 2.0}
@@ -213,7 +217,8 @@ def test_no_network_even_to_localhost(reward):
     seen = []
     thread = threading.Thread(target=lambda: seen.append(_accept(listener)))
     thread.start()
-    program = fenced(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\nprint('sent')")
+    program = fenced(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')\n"
+                     "print('sent')")
     assert reward(["p"], [program], [[{"input": "", "output": "sent"}]]) == [0.0]
     thread.join()
     listener.close()
@@ -238,10 +243,11 @@ def test_cannot_kill_the_trainer(reward):
 def test_training_with_code_rewards(base_config, tmp_path):
     import json
 
-    rows = [{"prompt": f"Write a program that prints {i}.", "tests": [{"input": "", "output": str(i)}]} for i in range(8)]
+    rows = [{"prompt": f"Write a program that prints {i}.", "tests": [{"input": "", "output": str(i)}]}
+            for i in range(8)]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "dataset": str(tmp_path / "c.jsonl"), "max_prompt_length": 64,
-                                              "reward_funcs": ["code_tests"], "max_steps": 1}))
+    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "dataset": str(tmp_path / "c.jsonl"),
+                                              "max_prompt_length": 64, "reward_funcs": ["code_tests"], "max_steps": 1}))
     history = trainer.train()
     assert history[0]["rewards/code_tests/infra_errors"] == 0.0 and history[0]["rewards/code_tests/mean"] == 0.0
     assert history[0]["rewards/code_tests/timeouts"] == 0.0

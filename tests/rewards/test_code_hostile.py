@@ -210,7 +210,8 @@ def test_tricks_score_what_a_wrong_program_scores(reward, name):
 def test_expected_values_planted_on_the_host_are_not_found(reward, tmp_path, monkeypatch):
     # The values sit where a dataset would (a file beside the trainer, /tmp, the environment):
     # the searching program must find none of them from inside the sandbox.
-    rows = json.dumps({"tests": FUNCTIONAL}) + "\n" + json.dumps({"tests": ASSERTS}) + "\n" + json.dumps({"tests": STDIN})
+    rows = (json.dumps({"tests": FUNCTIONAL}) + "\n" + json.dumps({"tests": ASSERTS}) + "\n"
+            + json.dumps({"tests": STDIN}))
     (tmp_path / "train.jsonl").write_text(rows)
     planted = f"/tmp/sapo-planted-{secrets.token_hex(4)}.jsonl"
     with open(planted, "w") as f:

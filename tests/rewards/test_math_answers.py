@@ -63,7 +63,8 @@ def test_wrong_or_missing_answers_do_not(gold, completion):
     ("57", "\\boxed{x = 3 = 57}"), ("3", "\\boxed{a = b = 3}"), ("3", "\\boxed{4 == 3}"),  # chains
     ("3", "\\boxed{4 \\equiv 3}"), ("3", "\\boxed{2 \\implies 3}"), ("3", "\\boxed{x = 2 \\Rightarrow 3}"),
     ("3", "\\boxed{4 \\sim 3}"), ("3", "\\boxed{x \\to 3}"), ("3", "\\boxed{x := 3}"), ("3", "\\boxed{2 \\in 3}"),
-    ("3", "\\boxed{1 \\lor 3}"), ("3", "\\boxed{1 \\vee 3}"), ("3", "\\boxed{1 \\land 3}"), ("3", "\\boxed{1 \\wedge 3}"),
+    ("3", "\\boxed{1 \\lor 3}"), ("3", "\\boxed{1 \\vee 3}"), ("3", "\\boxed{1 \\land 3}"),
+    ("3", "\\boxed{1 \\wedge 3}"),
 ])
 def test_a_relation_or_connective_does_not_score_by_its_last_part(gold, completion):
     # math-verify alone scores each of these 1.0: it reads a relation or a chain by its last part
@@ -166,7 +167,8 @@ def test_format_rewards():
     boxed = load_reward_function("format_boxed").fn
     assert boxed(["q"] * 2, ["so \\boxed{3}", "3"]) == [1.0, 0.0]
     tag = load_reward_function("format_answer_tag").fn
-    assert tag(["q"] * 3, ["think <answer>3</answer>", "<answer></answer>", "<answer>3</answer> more"]) == [1.0, 0.0, 0.0]
+    assert tag(["q"] * 3, ["think <answer>3</answer>", "<answer></answer>",
+                           "<answer>3</answer> more"]) == [1.0, 0.0, 0.0]
     custom = format_reward(r"^Answer: \d+$", name="answer_line")
     assert custom(["q"] * 2, ["Answer: 42", "answer 42"]) == [1.0, 0.0]
 
@@ -185,9 +187,11 @@ def test_gsm8k_and_math_loaders(tmp_path):
 
 
 def test_training_with_math_rewards(base_config, tmp_path):
-    rows = [{"prompt": f"What is {a}+{b}? Put it in \\boxed{{}}.", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    rows = [{"prompt": f"What is {a}+{b}? Put it in \\boxed{{}}.", "answer": str(a + b)}
+            for a in range(4) for b in range(4)]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "dataset": str(tmp_path / "m.jsonl"), "max_prompt_length": 64,
+    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "dataset": str(tmp_path / "m.jsonl"),
+                                              "max_prompt_length": 64,
                                               "reward_funcs": ["math_accuracy", "format_boxed"], "max_steps": 1}))
     history = trainer.train()
     assert history[0]["rewards/math_accuracy/timeouts"] == 0.0
@@ -197,8 +201,9 @@ def test_training_with_math_rewards(base_config, tmp_path):
 def test_training_on_a_gsm8k_file(base_config, tmp_path):
     rows = [{"question": f"{a}+{b}?", "answer": f"work\n#### {a + b}"} for a in range(4) for b in range(4)]
     (tmp_path / "g.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "dataset": str(tmp_path / "g.jsonl"), "dataset_format": "gsm8k",
-                                              "prompt_template": "Q: {question} A:", "max_prompt_length": 64,
+    trainer = sapo.Trainer(sapo.TrainConfig(**{**base_config, "dataset": str(tmp_path / "g.jsonl"),
+                                              "dataset_format": "gsm8k", "prompt_template": "Q: {question} A:",
+                                              "max_prompt_length": 64,
                                               "reward_funcs": ["math_accuracy"], "max_steps": 1}))
     assert trainer.train_set.rows[0]["prompt"].startswith("Q: ") and "answer" in trainer.train_set.rows[0]
     assert len(trainer.train()) == 1

@@ -275,7 +275,8 @@ def test_a_run_cgroup_gets_its_limits_and_starts_the_run_inside(tmp_path):
     run = RunCgroup(str(tmp_path), memory_bytes=1 << 30, processes=16, cpus=0.5, shell="/bin/sh")
     limits = {name: (tmp_path / run.path / name).read_text() for name in ("memory.max", "pids.max", "cpu.max")}
     assert limits == {"memory.max": str(1 << 30), "pids.max": "16", "cpu.max": "50000 100000"}
-    done = subprocess.run([*run.prefix, "/bin/sh", "-c", "echo $$"], check=False, capture_output=True, text=True, timeout=10)
+    done = subprocess.run([*run.prefix, "/bin/sh", "-c", "echo $$"], check=False, capture_output=True, text=True,
+                          timeout=10)
     assert (tmp_path / run.path / "cgroup.procs").read_text().strip() == done.stdout.strip()  # the same process
     run.close()  # a plain directory with files cannot be removed: close must not raise
 
@@ -421,7 +422,8 @@ assert os.getpid() == 1
 for _ in range(20):
     assert box.run_python("print(1)").stdout == "1\\n"
 box.run_python("import os, time\\nif os.fork() == 0:\\n    time.sleep(30)\\nprint(2)")
-zombies = [e for e in os.listdir("/proc") if e.isdigit() and open(f"/proc/{e}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"]
+zombies = [e for e in os.listdir("/proc")
+           if e.isdigit() and open(f"/proc/{e}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"]
 print(len(zombies))
 """
 
@@ -430,7 +432,8 @@ print(len(zombies))
 def test_a_trainer_that_is_pid_1_is_left_no_zombies():
     src = os.path.dirname(os.path.dirname(__import__("sapo").__file__))
     done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID1],
-                          check=False, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": src})
+                          check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": src})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "0", done.stdout
 

@@ -36,7 +36,8 @@ def test_accepts_every_form_of_the_right_integer(text):
     assert arithmetic_reward(["12+34="], [text], ["46"]) == [1.0]
 
 
-@pytest.mark.parametrize("text", ["45", "-46", "46.0", "4 6", "46 46", "", "forty-six", "46abc", "=46", "١٤", "４６", "46=46", "0" * 5000 + "46"])
+@pytest.mark.parametrize("text", ["45", "-46", "46.0", "4 6", "46 46", "", "forty-six", "46abc", "=46", "١٤", "４６",
+                                  "46=46", "0" * 5000 + "46"])
 def test_rejects_everything_else(text):
     assert arithmetic_reward(["12+34="], [text], ["46"]) == [0.0]
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from . import completion_text, register_reward
+from .registry import completion_text, register_reward
 from .sandbox import Limits, Sandbox
 
 # A fence opens and closes at the start of a line; the language tag is optional.
@@ -280,7 +280,8 @@ def parse_test(test: Any, row: int | None = None, index: int | None = None) -> S
         raise ValueError(f"{where} has unknown field(s) {unknown}: a stdin/stdout test has 'input' (optional) and "
                          f"'output' (and LiveCodeBench's 'testtype'); a functional test has 'fn_name'; {_DOCS}")
     if "output" not in test:
-        raise ValueError(f"{where}: a stdin/stdout test needs an 'output' (the expected stdout, a string), got {test!r}")
+        raise ValueError(f"{where}: a stdin/stdout test needs an 'output' (the expected stdout, a string), "
+                         f"got {test!r}")
     for field in ("input", "output"):
         if field in test and not isinstance(test[field], str):
             value = test[field]
@@ -294,9 +295,9 @@ def parse_test(test: Any, row: int | None = None, index: int | None = None) -> S
 def _parse_call(test: dict, where: str) -> CallTest:
     unknown = sorted(set(test) - _CALL_KEYS, key=str)
     if unknown:
-        raise ValueError(f"{where} has unknown field(s) {unknown}: a functional test has 'fn_name', 'inputs' (a list of "
-                         f"arguments) or LiveCodeBench's 'input' (one JSON argument per line), 'output' and optionally "
-                         f"'testtype'; e.g. {_FUNCTIONAL_FORM}")
+        raise ValueError(f"{where} has unknown field(s) {unknown}: a functional test has 'fn_name', 'inputs' (a list "
+                         f"of arguments) or LiveCodeBench's 'input' (one JSON argument per line), 'output' and "
+                         f"optionally 'testtype'; e.g. {_FUNCTIONAL_FORM}")
     fn_name = test.get("fn_name")
     if not isinstance(fn_name, str) or not fn_name.isidentifier():
         raise ValueError(f"{where}: a functional test needs 'fn_name', the name of the function to call (a Python "
@@ -414,7 +415,8 @@ def _test_list(tests: Any, row: int) -> list:
     if not isinstance(tests, (list, tuple)):
         raise ValueError(f"the `tests` column must hold a list of tests ({{'input': ..., 'output': ...}} dicts, "  # noqa: TRY004
                          f"functional {_FUNCTIONAL_FORM} dicts or assert strings); completion {row} has a "
-                         f"{type(tests).__name__} (a JSON string? decode it with json.loads when preparing the dataset)")
+                         f"{type(tests).__name__} (a JSON string? decode it with json.loads when preparing the "
+                         "dataset)")
     return list(tests)
 
 

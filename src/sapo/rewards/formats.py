@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from . import completion_text, register_reward
+from .registry import completion_text, register_reward
 
 
 def format_reward(pattern: str, *, name: str = "format") -> Callable[..., list[float]]:

@@ -22,8 +22,8 @@ from collections import deque
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from . import completion_text, register_reward
 from ._math_worker import final_answer, last_boxed, verify_answer
+from .registry import completion_text, register_reward
 
 __all__ = ["MathChecker", "final_answer", "last_boxed", "math_accuracy", "verify_answer"]
 
@@ -31,7 +31,8 @@ WORKER_MEMORY_BYTES = 4 * 2**30
 STARTUP_SECONDS = 120  # importing math-verify and sympy in a new worker, on a busy machine
 WORKER_FILE = str(Path(__file__).with_name("_math_worker.py"))
 # run_path rather than `python WORKER_FILE`, which would put this directory (its code.py) first on sys.path
-WORKER_COMMAND = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')", WORKER_FILE]
+WORKER_COMMAND = [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')",
+                  WORKER_FILE]
 
 
 class _Worker:

@@ -43,7 +43,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..errors import SandboxUnavailable
 from .sandbox_cgroup import RunCgroup, find_base
 from .sandbox_fs import remove_tree
 from .sandbox_seccomp import SeccompUnavailable, compile_filter
@@ -79,7 +79,8 @@ class _RunUids:
 
 def _can_become(uid: int) -> bool:
     try:
-        done = subprocess.run([shutil.which("setpriv") or "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", "/bin/true"],
+        done = subprocess.run([shutil.which("setpriv") or "setpriv", f"--reuid={uid}", f"--regid={uid}",
+                               "--clear-groups", "--", "/bin/true"],
                               check=False, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -115,10 +116,6 @@ def _private_uids() -> bool:
     """Whether each run gets a uid no other run (or user) has: then every process of that uid is
     the run's, and a sweep by uid kills exactly what it left."""
     return _run_uids().count > 1
-
-
-class SandboxUnavailable(ConfigError):
-    """The isolation the sandbox needs cannot be set up on this machine."""
 
 
 @dataclass
@@ -173,8 +170,8 @@ class Sandbox:
             message = ("code rewards need bubblewrap with user namespaces to run model-written programs without "
                        f"network and outside the trainer (apt-get install bubblewrap; here: {why})")
             if not allow_unsandboxed:
-                raise SandboxUnavailable(message + "; or set allow_unsandboxed_code=true to run them with rlimits only, "
-                                         "with network access")
+                raise SandboxUnavailable(message + "; or set allow_unsandboxed_code=true to run them with rlimits "
+                                         "only, with network access")
             if os.geteuid() == 0 and not _private_uids():
                 # All runs would share one uid on the host: a daemon left by one program could
                 # rewrite the next one's files or output, and no sweep by uid can tell runs apart.
@@ -206,9 +203,9 @@ class Sandbox:
             raise SandboxUnavailable(f"the code sandbox's interpreter {self.python} is not an executable file")
         result = self._attempt("print(6 * 7)", "")
         if result.status != "ok" or result.returncode != 0 or result.stdout.strip() != "42":
-            raise SandboxUnavailable(f"the code sandbox's interpreter {self.python} ({self._interpreter}) does not run "
-                                     f"there: {_last_line(result.stderr) or result.status}; pass python= an interpreter "
-                                     "that every user can read, such as /usr/bin/python3")
+            raise SandboxUnavailable(f"the code sandbox's interpreter {self.python} ({self._interpreter}) does not "
+                                     f"run there: {_last_line(result.stderr) or result.status}; pass python= an "
+                                     "interpreter that every user can read, such as /usr/bin/python3")
 
     def run_python(self, program: str, stdin: str = "") -> Result:
         """Run `program` with `python -I` (stdlib only, no user site, no PYTHON* variables)."""
@@ -242,7 +239,8 @@ class Sandbox:
             else:
                 fds = []
                 host_dir, cwd = _host_dir(program or "", uid)
-                argv = [self._interpreter, "-I", os.path.join(cwd, "program.py")] if program is not None else ["/usr/bin/true"]
+                argv = ([self._interpreter, "-I", os.path.join(cwd, "program.py")] if program is not None
+                        else ["/usr/bin/true"])
                 cmd = self._rlimits(uid) + argv
             if cgroup is not None:
                 cmd = cgroup.prefix + cmd
@@ -406,7 +404,8 @@ def _interpreter_dirs(interpreter: str) -> list[str]:
     (a conda or pyenv Python); each is bound read-only into the sandbox."""
     dirs = {os.path.dirname(interpreter)}
     try:
-        done = subprocess.run([interpreter, "-I", "-c", "import sys; print(sys.base_prefix); print(sys.base_exec_prefix)"],
+        done = subprocess.run([interpreter, "-I", "-c",
+                               "import sys; print(sys.base_prefix); print(sys.base_exec_prefix)"],
                               check=False, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
         dirs.update(os.path.realpath(p) for p in done.stdout.split("\n") if p.startswith("/"))
     except (OSError, subprocess.SubprocessError):
@@ -424,8 +423,8 @@ def _host_dir(program: str, uid: int | None) -> tuple[str, str]:
     try:
         work = os.path.join(parent, "run")
         os.mkdir(work, 0o700)
-        fd = os.open(os.path.join(work, "program.py"), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o644)
+        fd = os.open(os.path.join(work, "program.py"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(program)
         if uid is not None:

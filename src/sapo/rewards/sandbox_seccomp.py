@@ -4,7 +4,8 @@ Everything is allowed except the system calls behind most container escapes and 
 exploits, which fail with EPERM: new namespaces and mounts (the program could gain full
 capabilities in a nested user namespace and reach kernel code unprivileged users never can),
 tracing and reading other processes' memory, kernel modules, keyrings, BPF, perf, io_uring,
-userfaultfd, memory that no rlimit counts (SysV IPC, memfd), and clearing the parent-death signal. `clone3` fails with ENOSYS: its flags live in memory a filter cannot read, and
+userfaultfd, memory that no rlimit counts (SysV IPC, memfd), and clearing the parent-death signal.
+`clone3` fails with ENOSYS: its flags live in memory a filter cannot read, and
 glibc then falls back to `clone`, whose flags are checked here.
 
 The filter is compiled by libseccomp (through the `pyseccomp` ctypes binding), which also

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import re
 
-from ..rewards import completion_text, register_reward
-from . import MAX_SPLIT_SIZE, Task, check_int_option, register_task, split_problems
+from ..rewards.registry import completion_text, register_reward
+from .registry import MAX_SPLIT_SIZE, Task, check_int_option, register_task, split_problems
 
 MAX_DIGITS, MAX_OPERANDS = 40, 50
 _INTEGER = re.compile(r"[+-]?[0-9]{1,50}")  # ASCII digits only (\d also matches '４' and '٤')
@@ -58,5 +58,6 @@ def arithmetic_reward(prompts: list, completions: list, answer: list, **kwargs) 
 
 
 register_task(Task("arithmetic", load, "integer addition (and subtraction): '47+85=' -> '132'",
-                   reward="arithmetic", target="answer", options="digits=2 (1-40), operands=2 (2-50), ops='+' (use '+-' for subtraction), "
+                   reward="arithmetic", target="answer",
+                   options="digits=2 (1-40), operands=2 (2-50), ops='+' (use '+-' for subtraction), "
                    "train_size=5000, test_size=200"))

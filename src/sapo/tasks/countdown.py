@@ -8,8 +8,8 @@ import random
 from collections import Counter
 from fractions import Fraction
 
-from ..rewards import completion_text, register_reward
-from . import MAX_SPLIT_SIZE, Task, check_int_option, register_task, split_problems
+from ..rewards.registry import completion_text, register_reward
+from .registry import MAX_SPLIT_SIZE, Task, check_int_option, register_task, split_problems
 
 MAX_CHARS = 200  # longer text is not a plausible answer, and bounds the parser's work
 MAX_DEPTH = 32  # parenthesis nesting
@@ -164,4 +164,5 @@ def load(split: str, seed: int = 0, *, operands: int = 3, max_number: int = 20, 
 
 
 register_task(Task("countdown", load, "reach the target with each number once: '3,7,25->46:' -> '25+3*7'",
-                   reward="countdown", target="solution", options="operands=3 (2-10), max_number=20 (1-100), train_size=5000, test_size=200"))
+                   reward="countdown", target="solution",
+                   options="operands=3 (2-10), max_number=20 (1-100), train_size=5000, test_size=200"))

@@ -1,0 +1,115 @@
+"""Phase 1, rollout: G completions of each of the step's prompts from the rollout engine, and
+what the update needs besides them: masks, truncation, and the log-probabilities of the
+behaviour policy (pi_old) and of the reference policy where they are needed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..data import PromptSet, derive_seed
+from ..engines import Generation, RolloutEngine, SamplingSettings
+from ..model.logprobs import ForwardSettings, completion_logprobs
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """What the rollout phase reads of the config."""
+
+    group_size: int
+    """G, completions per prompt (num_generations)."""
+    sampling: SamplingSettings
+    """What the engine samples."""
+    forward: ForwardSettings
+    """How pi_old and the reference score the completions when they need a forward pass."""
+    needs_old_logprobs: bool
+    """Whether the policy can move before a minibatch is used (num_minibatches or num_iterations
+    above 1); otherwise the update takes its own log-probabilities as pi_old."""
+    use_rollout_logprobs: bool
+    """Take pi_old from the engine's log-probabilities, where it has them."""
+    seed: int
+    """The run's seed: each group samples under a seed derived from it, the step and the group's
+    position in the step's global batch."""
+
+
+@dataclass
+class Rollout:
+    """B = Q * G samples of Q prompts, grouped: samples g*G .. g*G+G-1 share prompt g."""
+
+    prompt_ids: Tensor  # (B, P) left-padded
+    prompt_mask: Tensor  # (B, P)
+    completion_ids: Tensor  # (B, T) right-padded
+    completion_mask: Tensor  # (B, T) 1 up to and including EOS
+    truncated: Tensor  # (B,) bool: reached max_completion_length without EOS
+    row_indices: list[int]  # (B,) dataset row of each sample
+    old_logprobs: Tensor | None = None  # (B, T) behaviour policy; None when provably equal to the current one
+    ref_logprobs: Tensor | None = None  # (B, T) reference policy, when beta > 0
+    sampling_logprobs: Tensor | None = None  # (B, T) pi / T of each token as computed while sampling, if known
+    step: int = 0  # the rollout step it was sampled at (0-based)
+    first_position: int = 0  # position of its first prompt in the step's global batch (other processes hold the rest)
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    @classmethod
+    def from_generation(cls, generation: Generation, prompts: PromptSet, rows: list[int], *, step: int = 0,
+                        first_position: int = 0) -> "Rollout":
+        """The engine's completions of `rows` (G each, grouped) with their prompts, left-padded."""
+        device = generation.completion_ids.device
+        G = len(generation.completion_ids) // len(rows)
+        P = max(len(prompts.prompt_ids[r]) for r in rows)
+        prompt_BP = torch.full((len(rows) * G, P), prompts.pad_token_id, dtype=torch.long)
+        prompt_mask_BP = torch.zeros((len(rows) * G, P), dtype=torch.long)
+        for g, r in enumerate(rows):
+            ids = prompts.prompt_ids[r]
+            prompt_BP[g * G:(g + 1) * G, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            prompt_mask_BP[g * G:(g + 1) * G, P - len(ids):] = 1
+        return cls(prompt_ids=prompt_BP.to(device), prompt_mask=prompt_mask_BP.to(device),
+                   completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
+                   truncated=generation.truncated, row_indices=[r for r in rows for _ in range(G)],
+                   sampling_logprobs=generation.logprobs, step=step, first_position=first_position)
+
+    def select(self, idx: list[int]) -> "Rollout":
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
+                       self.completion_mask[idx], self.truncated[idx], [self.row_indices[i] for i in idx],
+                       pick(self.old_logprobs), pick(self.ref_logprobs), pick(self.sampling_logprobs),
+                       self.step, self.first_position)
+
+
+def sample(engine: RolloutEngine, prompts: PromptSet, rows: list[int], settings: RolloutSettings, *,
+           step: int, first_position: int) -> Rollout:
+    """G completions of each of `rows` (the prompts at `first_position`, ... of step `step`'s
+    global batch), each group under its own seed: the samples depend on the seed, the step and
+    the positions alone, not on the process count, the batch or a resume."""
+    seeds = [derive_seed(settings.seed, "rollout", step, first_position + i) for i in range(len(rows))]
+    generation = engine.generate([prompts.prompt_ids[r] for r in rows], settings.group_size, settings.sampling, seeds)
+    return Rollout.from_generation(generation, prompts, rows, step=step, first_position=first_position)
+
+
+def behaviour_logprobs(policy, rollout: Rollout, settings: RolloutSettings) -> Tensor | None:
+    """pi_old for the update: None when it cannot differ from the update's own log-probabilities
+    (one minibatch, one pass), else the engine's (use_rollout_logprobs; the same model and
+    weights in eval mode: only batching and KV-cache numerics differ), else a forward pass."""
+    if not settings.needs_old_logprobs:
+        return None
+    if settings.use_rollout_logprobs and rollout.sampling_logprobs is not None:
+        return rollout.sampling_logprobs
+    return batched_logprobs(policy, rollout, settings.forward)
+
+
+@torch.no_grad()
+def batched_logprobs(model, rollout: Rollout, forward: ForwardSettings) -> Tensor:
+    """(B, T) log-probabilities of the rollout's completions, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for start in range(0, len(rollout), forward.micro_batch_size):
+        part = rollout.select(list(range(start, min(start + forward.micro_batch_size, len(rollout)))))
+        logp_BT, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                         part.completion_mask, forward)
+        parts.append(logp_BT)
+    model.train(was_training)
+    return torch.cat(parts)

@@ -1,0 +1,51 @@
+"""The flat `TrainConfig`, split by who reads it: each phase of the loop gets one frozen view,
+whole. This is the one place where config fields are handed to the knobs of the phases (and of
+`policy_loss`); tests/training/test_wiring.py checks every slot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..algorithms import LossSettings
+from ..config import TrainConfig
+from ..engines import SamplingSettings
+from ..model.logprobs import ForwardSettings
+from ..rewards import RewardSettings
+from .evaluation import EvalSettings
+from .reward import AdvantageSettings
+from .rollout import RolloutSettings
+from .update import UpdateSettings
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    rollout: RolloutSettings
+    rewards: RewardSettings
+    advantage: AdvantageSettings
+    update: UpdateSettings
+    evaluation: EvalSettings
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "RunSettings":
+        sampling = SamplingSettings(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                    top_p=cfg.top_p, max_num_seqs=cfg.max_num_seqs)
+        forward = ForwardSettings(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size,
+                                  padding_free=cfg.padding_free, micro_batch_size=cfg.micro_batch_size)
+        loss = LossSettings(loss_type=cfg.loss_type, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, epsilon=cfg.epsilon,
+                            epsilon_high=cfg.epsilon_high, beta=cfg.beta, aggregation=cfg.aggregation,
+                            max_tokens=cfg.max_completion_length)
+        weights = None if cfg.reward_weights is None else tuple(cfg.reward_weights)
+        return cls(
+            rollout=RolloutSettings(group_size=cfg.num_generations, sampling=sampling, forward=forward,
+                                    needs_old_logprobs=cfg.num_minibatches > 1 or cfg.num_iterations > 1,
+                                    use_rollout_logprobs=cfg.use_rollout_logprobs, seed=cfg.seed),
+            rewards=RewardSettings(weights=weights, skip_errors=cfg.skip_reward_errors),
+            advantage=AdvantageSettings(group_size=cfg.num_generations, scale=cfg.scale_rewards),
+            update=UpdateSettings(group_size=cfg.num_generations, num_minibatches=cfg.num_minibatches,
+                                  num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm,
+                                  max_nonfinite_steps=cfg.max_nonfinite_steps,
+                                  mask_truncated_completions=cfg.mask_truncated_completions, seed=cfg.seed,
+                                  learning_rate=cfg.learning_rate, loss=loss, forward=forward),
+            evaluation=EvalSettings(samples=cfg.eval_num_generations, greedy=cfg.eval_greedy, sampling=sampling,
+                                    rewards=RewardSettings(weights=weights, skip_errors=True), seed=cfg.seed),
+        )

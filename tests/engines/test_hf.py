@@ -1,0 +1,182 @@
+"""The `hf` engine: shared-prompt sampling draws exactly what model.generate draws, with one
+prefill per prompt; masks stop after EOS; a group depends on its seed alone."""
+
+import pytest
+import torch
+
+from sapo.data import PromptSet
+from sapo.engines import HFEngine, SamplingSettings
+from sapo.engines.hf import sample_groups, top_p_filter
+from sapo.model.logprobs import ForwardSettings
+from sapo.model.tiny import char_tokenizer, tiny_causal_lm
+from sapo.training.rollout import RolloutSettings, batched_logprobs, sample
+
+PROMPTS = ["7+8=", "12+345=", "1=", "99*9=", "3-2="]  # different lengths: left padding in the batch
+
+
+def generate(model, tok, prompts, seeds, *, group_size=3, shared=True, max_new_tokens=5, max_sequences=0,
+             **sampling):
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    engine = HFEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      device=torch.device("cpu"), shared_prefill=shared)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, max_num_seqs=max_sequences, **sampling)
+    return engine.generate(ids, group_size, settings, seeds)
+
+
+def rollouts(model, tok, shared, **kw):
+    return generate(model, tok, PROMPTS, [11, 12, 13, 14, 15], shared=shared, **{"group_size": 6,
+                                                                                 "max_new_tokens": 10, **kw})
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3_moe"])
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_p=0.8), dict(temperature=0.0, group_size=1)])
+def test_same_samples_as_generate_group_by_group(arch, sampling):
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, arch, hidden_size=32)
+    ours = rollouts(model, tok, shared=True, **sampling)
+    plain = rollouts(model, tok, shared=False, **sampling)
+    assert torch.equal(ours.completion_ids, plain.completion_ids)
+    assert torch.equal(ours.completion_mask, plain.completion_mask)
+    assert torch.equal(ours.truncated, plain.truncated)
+    assert ours.completion_mask.sum() > len(PROMPTS)  # more than one token each: the cache was used
+    assert (ours.logprobs is None) == (sampling.get("temperature") == 0)
+    assert plain.logprobs is None
+
+
+def test_sampling_logprobs_are_the_policy_at_temperature_without_top_p():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    engine = HFEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, device=torch.device("cpu"))
+    prompts = PromptSet([{"prompt": p} for p in PROMPTS], [tok(p, add_special_tokens=False)["input_ids"]
+                                                           for p in PROMPTS], conversational=False)
+    forward = ForwardSettings(temperature=0.7, micro_batch_size=7)
+    settings = RolloutSettings(group_size=6, sampling=SamplingSettings(10, temperature=0.7, top_p=0.5),
+                               forward=forward, needs_old_logprobs=True, use_rollout_logprobs=True, seed=0)
+    out = sample(engine, prompts, list(range(len(PROMPTS))), settings, step=0, first_position=0)
+    recomputed = batched_logprobs(model, out, forward)
+    mask = out.completion_mask.bool()
+    assert (out.sampling_logprobs[~mask] == 0).all()
+    torch.testing.assert_close(out.sampling_logprobs[mask], recomputed[mask], rtol=1e-5, atol=1e-5)
+
+
+def test_max_sequences_splits_the_batch_without_changing_the_samples():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    whole = rollouts(model, tok, shared=True)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    split = rollouts(model, tok, shared=True, max_sequences=13)  # 2 groups of 6 per batch: 2 + 2 + 1 prompts
+    assert {s[0] for s in shapes} == {2, 1, 12, 6}
+    assert torch.equal(split.completion_ids, whole.completion_ids)
+    torch.testing.assert_close(split.logprobs, whole.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_one_prefill_per_prompt_then_one_decoding_batch():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    rollouts(model, tok, shared=True, max_new_tokens=4)
+    assert shapes[0] == (5, 7)  # 5 prompts, not 5 * 6 rows
+    assert set(shapes[1:]) == {(30, 1)} and len(shapes) <= 4
+
+
+def test_model_with_linear_attention_state_falls_back_to_generate():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # Qwen3-Next mixes linear-attention layers (recurrent state) with attention: repeating only
+    # keys and values along the batch would be wrong, so the sampler hands over to generate.
+    config = AutoConfig.for_model(
+        "qwen3_next", vocab_size=len(char_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, linear_num_value_heads=2, linear_num_key_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = AutoModelForCausalLM.from_config(config)
+    calls = []
+    original_generate = model.generate
+    model.generate = lambda *a, **k: calls.append(1) or original_generate(*a, **k)
+    got = rollouts(model, tok, shared=True)
+    assert len(calls) == len(PROMPTS)
+    model.generate = original_generate
+    assert torch.equal(got.completion_ids, rollouts(model, tok, shared=False).completion_ids)
+    assert got.logprobs is None  # the trainer then recomputes pi_old
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass_and_never_nothing():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.8))
+    assert kept.tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 1e-9)).sum(-1).tolist() == [1, 1]
+
+
+def test_sample_groups_pads_after_eos():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] *= 0
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    out, logprobs = sample_groups(model, ids, group_size=4, max_new_tokens=12, temperature=1.0, top_p=1.0,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seeds=list(range(5)),
+                                  device=torch.device("cpu"))
+    assert out.shape[0] == 20 and logprobs.shape == out.shape
+    for row in out.tolist():
+        if tok.eos_token_id in row:
+            end = row.index(tok.eos_token_id)
+            assert all(t == tok.pad_token_id for t in row[end + 1:])
+
+
+def test_masks_stop_after_eos_and_truncation_is_flagged():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    with torch.no_grad():  # make EOS likely so both cases occur
+        model.lm_head.weight[tok.eos_token_id] *= 0
+    model.config.tie_word_embeddings = False
+    out = generate(model, tok, ["1+1=", "22+3="], seeds=[1, 2])
+    assert out.completion_ids.shape[0] == 6
+    for ids, mask, trunc in zip(out.completion_ids, out.completion_mask, out.truncated):
+        n = int(mask.sum())
+        assert (mask[:n] == 1).all() and (mask[n:] == 0).all()
+        assert (ids[n:] == tok.pad_token_id).all()
+        has_eos = bool((ids[:n] == tok.eos_token_id).any())
+        assert has_eos != bool(trunc)
+        if has_eos:
+            assert ids[n - 1] == tok.eos_token_id and (ids[:n - 1] != tok.eos_token_id).all()
+        else:
+            assert n == 5
+
+
+def test_a_group_depends_only_on_its_seed():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    alone = generate(model, tok, ["7+8="], seeds=[42])
+    together = generate(model, tok, ["1+2=", "7+8="], seeds=[5, 42])
+    n = int(alone.completion_mask.sum(-1).max())
+    assert torch.equal(alone.completion_ids[:, :n], together.completion_ids[3:, :n])
+    again = generate(model, tok, ["7+8="], seeds=[43])
+    assert not torch.equal(again.completion_ids, alone.completion_ids)
+
+
+def test_sampling_ignores_the_models_own_generation_settings():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    plain = generate(model, tok, ["7+8="], seeds=[123], max_new_tokens=12)
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.no_repeat_ngram_size = 1
+    again = generate(model, tok, ["7+8="], seeds=[123], max_new_tokens=12)
+    assert torch.equal(plain.completion_ids, again.completion_ids)
+    assert model.generation_config.repetition_penalty == 3.0  # and leaves them in place
+
+
+def test_temperature_zero_is_greedy():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    a = generate(model, tok, ["7+8="], seeds=[1], temperature=0.0, group_size=1)
+    b = generate(model, tok, ["7+8="], seeds=[2], temperature=0.0, group_size=1)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    ids = tok("7+8=", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    step = model(ids).logits[0, -1].argmax()
+    assert a.completion_ids[0, 0] == step
