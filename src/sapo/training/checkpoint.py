@@ -1,4 +1,4 @@
-"""Checkpoints that resume exactly, written atomically: a crash mid-save leaves the previous
+"""Phase 7, checkpoint: checkpoints that resume exactly, written atomically: a crash mid-save leaves the previous
 checkpoint intact (everything goes to a temporary directory that is renamed at the end). Each
 checkpoint carries a manifest of its files' sizes and sha256 sums, written last, and a resume
 checks every file against it; the output directory is locked for the whole run."""
