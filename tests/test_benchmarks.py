@@ -2,6 +2,8 @@
 themselves are not tested: see docs/performance.md)."""
 
 import importlib.util
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +44,25 @@ def test_padding_free_benchmark_runs_on_the_demo_setting():
     padded, packed = (line.split() for line in done.stdout.splitlines()
                       if line.strip().startswith(("padded", "padding-free")))
     assert int(packed[1]) < int(padded[1])  # fewer tokens computed on a real rollout
+
+
+def test_memory_benchmark_counts_the_shards_of_a_real_shape():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--shapes", "Qwen3-0.6B",
+                           "--worlds", "1,8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {(r[2], r[3]): [float(x) for x in r[4:9]] for r in (line.split() for line in done.stdout.splitlines())
+            if r[0] == "Qwen3-0.6B"}
+    full, sharded = rows[("8", "replicated")], rows[("8", "fsdp")]
+    assert full[0] > 9 and abs(sharded[0] - full[0] / 8) < 0.02  # 16 bytes a parameter, an eighth of it each
+    assert abs(sum(full[2:5]) - full[0]) < 0.02  # parameters + gradients + AdamW
+
+
+def test_gpu_check_runs_small_on_the_cpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), str(tmp_path), "--small",
+                           "--parts", "rollout,update_checkpointing,fsdp"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["fsdp"]["restored_exactly"] and "model.safetensors" in report["fsdp"]["exported"]
+    assert report["update_checkpointing"]["tokens_per_second"] > 0

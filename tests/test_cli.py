@@ -237,3 +237,23 @@ def test_a_garbage_config_json_in_the_checkpoint_being_resumed_is_one_line(workd
     assert result.returncode == 0, result.stderr[-2000:]
     assert "note: resume_from_checkpoint=latest_valid: skipped checkpoint-2" in result.stderr
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()] == [1, 2, 3]
+
+
+def test_export_writes_a_model_directory_and_refuses_what_it_cannot(base_config, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    sapo.Trainer(sapo.TrainConfig(**base_config)).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "model"), "--dtype", "bfloat16"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype="auto")
+    trained = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(p, trained[k].to(torch.bfloat16)) for k, p in model.state_dict().items() if k in trained)
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "model")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    (checkpoint / "scheduler.pt").write_bytes(b"garbage")
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "scheduler.pt has 7 bytes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "other").exists()

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from sapo.config import TrainConfig, field_docs
 from sapo.errors import ConfigError
@@ -60,10 +61,23 @@ def valid(tmp_path, **kw):
     (dict(output_dir=__file__), r"output_dir=.* is a file, not a directory"),
     (dict(prompt_template="Q: {q}"), r"prompt_template='Q: {q}' is not a valid template \(KeyError: 'q'\)"),
     (dict(prompt_template="{question} {"), r"prompt_template=.* is not a valid template \(ValueError"),
+    (dict(param_dtype="bfloat16"), r"param_dtype='bfloat16' needs fsdp=true; without sharding, dtype=bfloat16"),
+    (dict(param_dtype="float16", fsdp=True), r"param_dtype='float16' is not one of \['float32', 'bfloat16'\]"),
+    (dict(cpu_offload=True), r"cpu_offload=True needs fsdp=true"),
+    (dict(fsdp=True, dtype="bfloat16"), r"dtype='bfloat16' \(autocast\) is replaced by param_dtype with fsdp=true"),
+    (dict(max_tokens_per_micro_batch=100, max_prompt_length=64, max_completion_length=64),
+     r"max_tokens_per_micro_batch=100 must hold the longest sample, max_prompt_length \+ max_completion_length = 128"),
+    (dict(max_tokens_per_micro_batch=-1), r"max_tokens_per_micro_batch=-1 must be >= 0"),
 ])
 def test_validate_names_the_field_and_fix(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
         valid(tmp_path, **kw).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="offloading is allowed with a GPU")
+def test_cpu_offload_needs_a_gpu(tmp_path):
+    with pytest.raises(ConfigError, match=r"cpu_offload=True needs a CUDA GPU"):
+        valid(tmp_path, fsdp=True, cpu_offload=True).validate()
 
 
 def test_missing_required_fields_are_listed():

@@ -167,6 +167,19 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .errors import CheckpointError, ConfigError
+    from .training.export import export_model
+
+    try:
+        out = export_model(args.checkpoint, args.out, dtype=args.dtype)
+    except (ConfigError, CheckpointError) as err:
+        print(f"sapo export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"saved {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def _load_config(items: list[str], *, fixed_by: dict[str, str] | None = None):
     """An optional leading CONFIG.yaml, then key=value overrides. When neither names a `model`
     or a `dataset`, they apply on top of the built-in demo setting (sapo.demo). `fixed_by` maps
@@ -325,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-kwargs", nargs="*", metavar="key=value", help="task options, e.g. digits=3")
     ev.add_argument("--out", help="write the results as JSON here")
     ev.set_defaults(func=_cmd_eval)
+
+    export = sub.add_parser("export", help="write a checkpoint (sharded or not) as a model directory",
+                            description="sapo export CHECKPOINT --out DIR: safetensors weights, config, generation "
+                            "config, tokenizer and chat template, as save_pretrained writes them; a sharded (fsdp) "
+                            "checkpoint's shards are gathered in this one process.")
+    export.add_argument("checkpoint", help="a checkpoint-<step> directory")
+    export.add_argument("--out", required=True, help="a new or empty directory")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="cast the weights (default: float32, as trained)")
+    export.set_defaults(func=_cmd_export)
 
     tasks = sub.add_parser("tasks", help="list the built-in tasks with an example each")
     tasks.set_defaults(func=_cmd_tasks)

@@ -27,6 +27,7 @@ from .trl_names import TRL_FIELDS, TRL_LOSS_TYPES, from_trl
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 
 
@@ -185,6 +186,29 @@ class TrainConfig:
     mask_truncated_completions: bool = False
     """Leave responses that hit max_completion_length out of the loss (they still get rewards)."""
 
+    # --- memory and scale (docs/scaling.md) ---
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the processes with PyTorch's FSDP2
+    (`fully_shard` on each decoder layer and on the root); launch 2 or more processes with
+    torchrun or accelerate launch. Checkpoints are then sharded (torch.distributed.checkpoint);
+    `sapo export` turns one into a model directory."""
+    param_dtype: str = "float32"
+    """With fsdp: dtype of the gathered parameters in forward and backward, "float32" or
+    "bfloat16"; the sharded masters, the gradient reduction and the optimizer state stay float32
+    (FSDP2's MixedPrecisionPolicy). Without fsdp, `dtype` (autocast) does this job."""
+    cpu_offload: bool = False
+    """With fsdp on GPUs: keep the sharded parameters, gradients and optimizer state in host
+    memory (FSDP2's CPUOffloadPolicy; the optimizer steps on the CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (non-reentrant; transformers' activation checkpointing): far less activation memory for
+    about one more forward pass of time. The update does not change."""
+    max_tokens_per_micro_batch: int = 0
+    """Pack micro-batches by token count (prompt + completion tokens) instead of micro_batch_size
+    sequences (verl's use_dynamic_bsz with ppo_max_token_len_per_gpu); 0: off. It must hold the
+    longest possible sample, max_prompt_length + max_completion_length. The update does not
+    change: each micro-batch is divided by its whole minibatch's denominator."""
+
     # --- run ---
     max_steps: int = 100
     """Rollout steps (each: one rollout batch and num_minibatches * num_iterations optimizer steps)."""
@@ -214,7 +238,7 @@ class TrainConfig:
     dtype: str = "auto"
     """Compute dtype of forward passes (autocast): "auto" (bfloat16 on GPUs that support it, else
     float32), "float32", "bfloat16", "float16" (CUDA only). Weights and optimizer state stay float32, and the
-    objective is always computed in float32."""
+    objective is always computed in float32. With fsdp, param_dtype takes its place (no autocast)."""
 
     def __post_init__(self) -> None:
         # TRL's spellings of some values first; then every field is checked against its type, so
@@ -297,7 +321,7 @@ class TrainConfig:
                      "num_iterations", "micro_batch_size", "max_steps", "eval_num_generations"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "must be a positive integer")
         for name in ("eval_steps", "save_steps", "warmup_steps", "log_completions", "logprob_chunk_size",
-                     "max_num_seqs", "max_nonfinite_steps"):
+                     "max_num_seqs", "max_nonfinite_steps", "max_tokens_per_micro_batch"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         batch = self.prompts_per_step * self.num_generations
         _require(batch % self.num_minibatches == 0, "num_minibatches", self.num_minibatches,
@@ -322,6 +346,8 @@ class TrainConfig:
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("optim", self.optim, OPTIMIZERS)
+        _choice("param_dtype", self.param_dtype, PARAM_DTYPES)
+        self._check_scaling()
         _choice("dataset_format", self.dataset_format, ("trl", "gsm8k", "math"))
         for reporter in self.report_to:
             _choice("report_to", reporter, REPORTERS)
@@ -363,6 +389,25 @@ class TrainConfig:
         _require(self.dtype != "float16" or torch.cuda.is_available(), "dtype", self.dtype,
                  "needs a CUDA GPU (there is no float16 autocast on the CPU); use bfloat16 or float32")
         return self
+
+    def _check_scaling(self) -> None:
+        longest = self.max_prompt_length + self.max_completion_length
+        _require(self.max_tokens_per_micro_batch == 0 or self.max_tokens_per_micro_batch >= longest,
+                 "max_tokens_per_micro_batch", self.max_tokens_per_micro_batch,
+                 f"must hold the longest sample, max_prompt_length + max_completion_length = {longest} (or be 0: "
+                 "micro_batch_size sequences per micro-batch)")
+        if not self.fsdp:
+            _require(self.param_dtype == "float32", "param_dtype", self.param_dtype,
+                     "needs fsdp=true; without sharding, dtype=bfloat16 runs the forward passes in bfloat16")
+            _require(not self.cpu_offload, "cpu_offload", self.cpu_offload,
+                     "needs fsdp=true (it offloads the sharded parameters and optimizer state)")
+            return
+        _require(self.dtype in ("auto", "float32"), "dtype", self.dtype,
+                 "(autocast) is replaced by param_dtype with fsdp=true: set param_dtype=bfloat16 and leave dtype=auto")
+        import torch
+
+        _require(not self.cpu_offload or torch.cuda.is_available(), "cpu_offload", self.cpu_offload,
+                 "needs a CUDA GPU: without one the parameters are in host memory already; set cpu_offload=false")
 
 
 def _require(ok: bool, name: str, value: Any, why: str) -> None:

@@ -17,7 +17,7 @@ import torch
 import sapo
 import sapo.training.trainer
 from sapo.errors import CheckpointError
-from sapo.training import checkpoint
+from sapo.training import checkpoint, output_dir
 from sapo.training.checkpoint import list_checkpoints
 from sapo.training.tracking import RunLogger
 
@@ -286,7 +286,7 @@ def test_a_run_that_fails_mid_way_releases_its_lock(base_config, monkeypatch):
     monkeypatch.setattr(sapo.training.trainer, "score_rollout", fail)
     with pytest.raises(RuntimeError, match="went away"):
         trainer.train()
-    checkpoint.lock_output_dir(base_config["output_dir"]).release()  # free again, in this same process
+    output_dir.lock_output_dir(base_config["output_dir"]).release()  # free again, in this same process
 
 
 def test_a_full_disk_while_logging_is_one_line_and_keeps_the_checkpoints(base_config, monkeypatch):
@@ -316,7 +316,7 @@ def test_a_config_yaml_that_cannot_be_written_is_one_line(base_config):
     trainer = sapo.Trainer(sapo.TrainConfig(**base_config))
     with pytest.raises(sapo.ConfigError, match=r"could not write .*config.yaml: No space left on device"):
         trainer.train()
-    checkpoint.lock_output_dir(out).release()  # the failed start released the lock
+    output_dir.lock_output_dir(out).release()  # the failed start released the lock
 
 
 def test_a_checkpoint_of_more_processes_resumes_with_a_note_and_manifest_names_stay_inside(two_checkpoints, tmp_path):

@@ -73,3 +73,18 @@ def test_two_reward_functions_of_one_name_are_refused(base_config):
     with pytest.raises(ConfigError, match=r"are both named 'twin'; config.yaml keeps names only"):
         sapo.TrainConfig(**{**base_config, "reward_funcs": [first, twin]}).validate()
     sapo.TrainConfig(**{**base_config, "reward_funcs": [twin, twin]}).validate()  # the same one twice is fine
+
+
+def test_a_checkpoint_resumes_only_as_it_was_saved_sharded_or_not(base_config):
+    from sapo.training.identity import check_start
+
+    sapo.Trainer(sapo.TrainConfig(**base_config)).train()
+    checkpoint = Path(base_config["output_dir"]) / "checkpoint-2"
+    with pytest.raises(ConfigError, match=r"was saved without fsdp; resume it with fsdp=false, or start a new sharded "
+                                          r"run from its weights with model="):
+        check_start(sapo.TrainConfig(**base_config, fsdp=True), checkpoint)
+    (checkpoint / "dcp").mkdir()
+    (checkpoint / "dcp" / ".metadata").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"holds sharded \(fsdp=true\) state; resume it with fsdp=true, or `sapo "
+                                          r"export .* --out DIR` and start a new run with model=DIR"):
+        check_start(sapo.TrainConfig(**base_config), checkpoint)

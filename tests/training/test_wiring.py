@@ -13,6 +13,7 @@ import sapo
 import sapo.training.trainer as trainer_module
 from sapo.engines import SamplingSettings
 from sapo.model.logprobs import ForwardSettings
+from sapo.model.sharding import ModelSettings
 from sapo.rewards import RewardSettings
 from sapo.training.rollout import Rollout
 from sapo.training.settings import RunSettings
@@ -140,9 +141,10 @@ def test_the_loop_hands_each_phase_its_view(base_config, monkeypatch, workdir):
     assert seen["evaluate"][0][4] is views.evaluation
 
 
-# Five booleans get the codes 1-5 and each config takes one bit of them: every two of them differ
+# Seven booleans get the codes 1-7 and each config takes one bit of them: every two of them differ
 # in some config, so a swap of any two shows.
-FLAGS = ("padding_free", "mask_truncated_completions", "use_rollout_logprobs", "skip_reward_errors", "eval_greedy")
+FLAGS = ("padding_free", "mask_truncated_completions", "use_rollout_logprobs", "skip_reward_errors", "eval_greedy",
+         "gradient_checkpointing", "cpu_offload")
 
 
 @pytest.mark.parametrize("bit", [0, 1, 2])
@@ -155,10 +157,14 @@ def test_each_view_holds_its_config_fields(base_config, bit):
                               "logprob_chunk_size": 17, "seed": 19, "learning_rate": 0.23, "max_grad_norm": 0.29,
                               "max_nonfinite_steps": 31, "reward_weights": [0.37], "scale_rewards": "batch",
                               "eval_num_generations": 41, "loss_type": "grpo", "tau_pos": 0.43, "tau_neg": 0.47,
-                              "epsilon": 0.053, "epsilon_high": 0.059, "beta": 0.61, "aggregation": "token-mean"})
+                              "epsilon": 0.053, "epsilon_high": 0.059, "beta": 0.61, "aggregation": "token-mean",
+                              "max_tokens_per_micro_batch": 67, "fsdp": True, "param_dtype": "bfloat16"})
     views = RunSettings.from_config(cfg)
     sampling = SamplingSettings(max_new_tokens=11, temperature=0.9, top_p=0.8, max_num_seqs=13)
-    forward = ForwardSettings(temperature=0.9, chunk_size=17, padding_free=flags["padding_free"], micro_batch_size=7)
+    forward = ForwardSettings(temperature=0.9, chunk_size=17, padding_free=flags["padding_free"], micro_batch_size=7,
+                              max_tokens_per_micro_batch=67)
+    assert views.model == ModelSettings(fsdp=True, param_dtype="bfloat16", cpu_offload=flags["cpu_offload"],
+                                        gradient_checkpointing=flags["gradient_checkpointing"])
     rollout = views.rollout
     assert (rollout.group_size, rollout.sampling, rollout.forward, rollout.seed) == (3, sampling, forward, 19)
     assert rollout.use_rollout_logprobs == flags["use_rollout_logprobs"]

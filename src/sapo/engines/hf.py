@@ -11,6 +11,10 @@ seed, not on which other groups share the batch, while the model runs one prefil
 instead of G and one decoding batch instead of one per group. A model whose cache cannot be
 expanded (linear-attention or SSM layers) falls back to `model.generate` once per group, with
 the same draws.
+
+With `lockstep` (a sharded model, whose every forward pass all processes make together), every
+process decodes until the last sequence of any process is finished, and `model.generate` runs
+with `synced_gpus`.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ class HFEngine:
     it at the policy (the same module the trainer updates, so there is nothing to copy)."""
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, device: torch.device,
-                 shared_prefill: bool = True) -> None:
+                 shared_prefill: bool = True, lockstep: bool = False) -> None:
         self.model = model
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.device = device
         self.shared_prefill = shared_prefill
+        self.lockstep = lockstep
 
     def sync(self, model) -> None:
         self.model = model
@@ -59,7 +64,7 @@ class HFEngine:
                 batch = dict(prompt_ids=prompt_ids[start:start + per_batch], seeds=seeds[start:start + per_batch],
                              group_size=group_size, max_new_tokens=sampling.max_new_tokens,
                              temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=self.eos_token_id,
-                             pad_token_id=pad, device=self.device)
+                             pad_token_id=pad, device=self.device, lockstep=self.lockstep)
                 part = sample_groups(model, **batch) if self.shared_prefill else None
                 parts.append(part if part is not None else _generate_per_group(model, **batch))
         finally:
@@ -95,8 +100,8 @@ def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
 
 @torch.no_grad()
 def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int, temperature: float,
-                  top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int], device: torch.device
-                  ) -> tuple[Tensor, Tensor | None] | None:
+                  top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int], device: torch.device,
+                  lockstep: bool = False) -> tuple[Tensor, Tensor | None] | None:
     """(Q * G, T) sampled tokens for Q prompts and G = group_size, T <= max_new_tokens, rows of a group adjacent,
     pad after EOS; temperature 0 is greedy. Also their log-probabilities under the model at the
     sampling temperature (without top-p: the policy pi / T that the update differentiates), (Q*G, T)
@@ -144,7 +149,7 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
         if generators is not None:  # log pi/T of the drawn token, without top-p
             logprobs.append(scaled.gather(1, next_tokens.unsqueeze(1)).squeeze(1) - scaled.logsumexp(-1))
         unfinished &= next_tokens != eos_token_id
-        if t == max_new_tokens - 1 or not bool(unfinished.any()):
+        if t == max_new_tokens - 1 or not _any_unfinished(unfinished, lockstep):
             break
         mask = torch.cat([mask, mask.new_ones(Q * G, 1)], dim=1)
         out = model(input_ids=next_tokens.unsqueeze(1), attention_mask=mask, position_ids=next_position,
@@ -152,6 +157,15 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
         cache, logits = _returned_cache(out), out.logits[:, -1]
         next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
+
+
+def _any_unfinished(unfinished: Tensor, lockstep: bool) -> bool:
+    """Whether a sequence is unfinished here or, with `lockstep`, on any process."""
+    flag = unfinished.any()
+    if lockstep:
+        flag = flag.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
 
 
 def _returned_cache(out):
@@ -174,7 +188,7 @@ def _expandable(cache) -> bool:
 
 def _generate_per_group(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int,
                         temperature: float, top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int],
-                        device: torch.device) -> tuple[Tensor, None]:
+                        device: torch.device, lockstep: bool = False) -> tuple[Tensor, None]:
     """model.generate once per group; (B, max_new_tokens) tokens padded after EOS. No log-probs:
     keeping generate's per-step logits would cost T x G x V floats per group."""
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
@@ -190,7 +204,8 @@ def _generate_per_group(model, prompt_ids: list[list[int]], *, group_size: int, 
             prompt = torch.tensor([ids], device=device)
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
+                                     synced_gpus=lockstep)
             new = out[:, prompt.shape[1]:]
             tokens[g * group_size:(g + 1) * group_size, :new.shape[1]] = new
     finally:

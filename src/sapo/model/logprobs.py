@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .chunked_logprobs import token_logprobs
 from .loading import forward_keeping_logits
 from .packing import pack_rows
+from .sharding import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class ForwardSettings:
     """Score on padding-free rows where the model supports them (packing.py)."""
     micro_batch_size: int = 8
     """Sequences per forward (and backward) pass."""
+    max_tokens_per_micro_batch: int = 0
+    """Pack the passes by prompt + completion tokens instead (0: `micro_batch_size` sequences)."""
 
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
@@ -129,8 +132,8 @@ def _packing_verified(model, usual: _Layout, packed: _Layout, shared: bool, comp
     autocast) and compare them; a mismatch (a model that does not honour the block mask) turns
     the layout off for the model, with a warning. The check runs the unwrapped model: a DDP
     wrapper's forward would take part in collectives that other processes, checking at other
-    calls, do not join. (Under FSDP every forward is collective: there, every process must
-    reach the check at the same calls, or use padding_free=False.)"""
+    calls, do not join. A sharded model's every forward is collective: it is checked once, up
+    front, by `settle_padding_free`."""
     inner = _inner(model)
     verdict = _PACKING_VERIFIED.get(inner)
     if isinstance(verdict, bool) or (verdict == "unshared" and not shared):
@@ -141,7 +144,7 @@ def _packing_verified(model, usual: _Layout, packed: _Layout, shared: bool, comp
     with _in_weights_dtype(inner):
         expected, got = (_logprobs(inner, layout, completion_ids, completion_mask, temperature, False, chunk_size)[0]
                          for layout in (usual, packed))
-    dtype = next(inner.parameters()).dtype
+    dtype = compute_dtype(inner)
     ok = bool(((expected - got).abs() <= (1e-3 if dtype == torch.float32 else 5e-2))[mask].all())
     if not ok:
         warnings.warn(f"{type(inner).__name__}: padding-free rows do not give the same log-probabilities as "
@@ -149,6 +152,29 @@ def _packing_verified(model, usual: _Layout, packed: _Layout, shared: bool, comp
                       stacklevel=3)
     _PACKING_VERIFIED[inner] = ok and ("unshared" if not shared else True)
     return ok
+
+
+def settle_padding_free(model, forward: ForwardSettings) -> bool:
+    """Decide once, on a fixed batch whose rows hold several samples each, whether `model` uses
+    padding-free rows, so that no later call checks (and runs extra forward passes) on some
+    processes only: for a sharded model, whose forward passes every process must make together."""
+    inner = _inner(model)
+    if not forward.padding_free or isinstance(_PACKING_VERIFIED.get(inner), bool):
+        return _PACKING_VERIFIED.get(inner, False) is True
+    vocab = inner.config.get_text_config(decoder=True).vocab_size
+    g = torch.Generator().manual_seed(0)
+    device = next(iter(inner.buffers()), torch.zeros(())).device
+    prompt_BP = torch.randint(vocab, (4, 6), generator=g).to(device)  # 2 prompts x 2 samples, long prompts:
+    completion_BT = torch.randint(vocab, (4, 3), generator=g).to(device)  # the packed rows are shared
+    prompt_BP[1], prompt_BP[3] = prompt_BP[0], prompt_BP[2]
+    prompt_mask, completion_mask = torch.ones_like(prompt_BP), torch.ones_like(completion_BT)
+    usual = _padded_layout(prompt_BP, prompt_mask, completion_BT, completion_mask)
+    packed = _packed_layout(inner, prompt_BP, prompt_mask, completion_BT, completion_mask)
+    if packed is None or not packed[1]:
+        _PACKING_VERIFIED[inner] = False  # not for this model
+        return False
+    _packing_verified(inner, usual, *packed, completion_BT, completion_mask, forward.temperature, forward.chunk_size)
+    return _PACKING_VERIFIED[inner] is True
 
 
 @contextlib.contextmanager

@@ -1,22 +1,17 @@
 """Phase 7, checkpoint: checkpoints that resume exactly, written atomically: a crash mid-save leaves the previous
 checkpoint intact (everything goes to a temporary directory that is renamed at the end). Each
 checkpoint carries a manifest of its files' sizes and sha256 sums, written last, and a resume
-checks every file against it; the output directory is locked for the whole run."""
+checks every file against it; the output directory is locked for the whole run (output_dir.py)."""
 
 from __future__ import annotations
 
-import datetime
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import socket
 import sys
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,127 +22,16 @@ import torch
 
 from ..config import read_yaml_mapping
 from ..errors import CheckpointError, ConfigError, ProcessCountMismatch
+from .output_dir import os_reason
+from .sharded_checkpoint import DCP_METADATA, load_sharded_state, save_sharded_state
 
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Hidden names that only this module creates (and so may remove): a checkpoint being written,
 # one being replaced by a rerun of its step, one being deleted by save_total_limit.
 _LEFTOVER = re.compile(r"^\.(tmp|old|deleting)-checkpoint-\d+$")
 MANIFEST = "manifest.json"
-LOCK_FILE = ".sapo.lock"
 _MANIFEST_FORMAT = 1
 _CHUNK = 1 << 20
-
-
-# ---------------------------------------------------------------- the output directory's lock
-class OutputDirLock:
-    """An exclusive flock on output_dir/.sapo.lock, held through `fd` (see `lock_output_dir`). The
-    kernel drops it when the process dies, so a lock file left behind by a killed run is free
-    again (its contents only name the holder)."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        # The file stays: unlinking it would let a third run lock a new inode while a second
-        # one still waits on (or holds) the old one.
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    def __del__(self) -> None:
-        # At interpreter exit module globals (os included) may already be gone; the kernel
-        # closes the descriptor and drops the lock anyway.
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except Exception:  # noqa: BLE001, S110 - `os` itself may be None by then
-                pass
-
-
-def lock_output_dir(output_dir: str | Path) -> OutputDirLock:
-    """Create output_dir if needed and lock it for this run; a CheckpointError naming the holder
-    if another run has it."""
-    root = Path(output_dir)
-    path = root / LOCK_FILE
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise _unusable(root, err) from None
-    try:
-        # A few tries: another process's check_output_dir_free holds a shared lock for a moment.
-        _flock_or_raise(fd, root, path, fcntl.LOCK_EX, tries=5)
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-    except CheckpointError:
-        os.close(fd)
-        raise
-    except OSError as err:  # the record did not fit (a full disk): unlocked with the close
-        os.close(fd)
-        raise CheckpointError(f"output_dir={str(root)!r}: could not write {path}: {_reason(err)}") from None
-    return OutputDirLock(path, fd)
-
-
-def check_output_dir_usable(output_dir: str | Path) -> None:
-    """Raise as `lock_output_dir` would, writing nothing: when another run holds output_dir (a
-    shared lock taken and dropped at once; a run's exclusive one excludes it), or when it cannot
-    be created or written to."""
-    root = Path(output_dir)
-    existing = next(p for p in (root, *root.parents) if p.exists() or p == p.parent)
-    if not existing.is_dir():
-        raise _unusable(root, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing)))
-    for bad, failed in ((errno.EROFS, os.statvfs(existing).f_flag & os.ST_RDONLY),
-                        (errno.EACCES, not os.access(existing, os.W_OK | os.X_OK))):
-        if failed:
-            raise _unusable(root, OSError(bad, os.strerror(bad), str(existing)))
-    path = root / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # no lock file: no run has held it; one that cannot be read fails at lock_output_dir
-    try:
-        _flock_or_raise(fd, root, path, fcntl.LOCK_SH)
-    finally:
-        os.close(fd)
-
-
-def _unusable(root: Path, err: OSError) -> CheckpointError:
-    return CheckpointError(f"output_dir={str(root)!r} cannot be used: {_reason(err)}; choose a directory you can "
-                           "write to")
-
-
-def _flock_or_raise(fd: int, root: Path, path: Path, mode: int, tries: int = 1) -> None:
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                raise CheckpointError(f"output_dir={str(root)!r}: cannot lock {path}: {_reason(err)}") from None
-            if attempt == tries - 1:
-                holder = _read_holder(fd)
-                raise CheckpointError(f"output_dir {root} is in use by pid {holder.get('pid', '?')} on host "
-                                      f"{holder.get('host', '?')} (started {holder.get('started', '?')}); wait for "
-                                      "that run to end, or use another output_dir") from None
-            time.sleep(0.05)
-
-
-def _read_holder(fd: int) -> dict[str, Any]:
-    try:
-        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except (OSError, ValueError):
-        return {}  # being written by its holder at this moment
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror} ({err.filename})" if err.filename else err.strerror
-    return str(err) or type(err).__name__
 
 
 # ---------------------------------------------------------------- finding checkpoints
@@ -230,13 +114,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _required(num_processes: int) -> list[str]:
-    return ["config.json", "config.yaml", "trainer_state.json", "optimizer.pt", "scheduler.pt",
+def _required(num_processes: int, sharded: bool = False) -> list[str]:
+    # A sharded checkpoint's optimizer state is in its DCP shards with the weights.
+    return ["config.json", "config.yaml", "trainer_state.json", *([] if sharded else ["optimizer.pt"]), "scheduler.pt",
             *(f"rng_state_{i}.pt" for i in range(num_processes))]
 
 
 def _weights(names) -> bool:
-    return any(n.endswith((".safetensors", ".safetensors.index.json", ".bin")) for n in names)
+    return any(n.endswith((".safetensors", ".safetensors.index.json", ".bin")) or n == DCP_METADATA for n in names)
 
 
 def verify_checkpoint(path: Path, num_processes: int = 1) -> list[str]:
@@ -264,7 +149,7 @@ def verify_checkpoint(path: Path, num_processes: int = 1) -> list[str]:
                 raise ValueError(f"entry {name!r} is outside the checkpoint")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path} is not a valid manifest ({type(err).__name__}: {err})") from None
-    for name in _required(num_processes):
+    for name in _required(num_processes, sharded=DCP_METADATA in files):
         if name not in files:
             if name.startswith("rng_state_") and saved_by < num_processes:
                 raise ProcessCountMismatch(f"{path} was saved by {saved_by} process(es) and holds no {name} for "
@@ -380,39 +265,54 @@ def _clean_leftovers(root: Path) -> None:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, model, tokenizer, optimizer, scheduler,
-                    config_yaml: str, trainer_state: dict[str, Any], save_total_limit: int | None) -> Path:
-    """Write checkpoint-<step>; a failure to write (a full disk, say) is a CheckpointError that
-    names the checkpoint and the cause, with the temporary directory removed and the earlier
-    checkpoints untouched."""
+                    config_yaml: str, trainer_state: dict[str, Any], save_total_limit: int | None,
+                    sharded: bool = False) -> Path:
+    """Write checkpoint-<step>; a failure to write (a full disk, say) on any process is a
+    CheckpointError on every process that names the checkpoint and the cause, with the temporary
+    directory removed and the earlier checkpoints untouched. `sharded`: the model and optimizer
+    state go into DCP shards that every process writes (sharded_checkpoint.py)."""
     from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
 
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
-    try:
-        if accelerator.is_main_process:
-            _clean_leftovers(root)
-            tmp.mkdir(parents=True)
+    main = accelerator.is_main_process
+
+    def write_main_files() -> None:
+        _clean_leftovers(root)
+        tmp.mkdir(parents=True)
+        if sharded:
+            model.config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+        else:
             accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
             _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
-            _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "config.yaml").write_text(config_yaml)
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        accelerator.wait_for_everyone()
-        _torch_save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_manifest(tmp, accelerator.num_processes)  # last: a checkpoint with a manifest is complete
-    except (OSError, SafetensorError) as err:
-        if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+
+    try:
+        # Each part ends with every process learning whether it failed anywhere: a process that
+        # raised alone would leave the others waiting in the next collective.
+        _on_every_process(accelerator, write_main_files if main else None)
+        if sharded:
+            _on_every_process(accelerator, lambda: save_sharded_state(tmp, model, optimizer))
+        rng_file = tmp / f"rng_state_{accelerator.process_index}.pt"
+        _on_every_process(accelerator, lambda: _torch_save(rng_state(), rng_file))
+        # last: a checkpoint with a manifest is complete
+        _on_every_process(accelerator, (lambda: write_manifest(tmp, accelerator.num_processes)) if main else None)
+    except (OSError, SafetensorError, CheckpointException) as err:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()  # every process raises once the temporary directory is gone
         earlier = [p.name for p in list_checkpoints(root)]
         kept = f"{earlier[-1]} is intact" if earlier else "there is no earlier checkpoint"
         # safetensors reports an OS error inside its own message, e.g. "... No space left on device ..."
-        raise CheckpointError(f"could not write checkpoint {final}: {_reason(err)}; {kept}. Free space (or fix "
+        raise CheckpointError(f"could not write checkpoint {final}: {os_reason(err)}; {kept}. Free space (or fix "
                               "the permissions) and continue with resume_from_checkpoint=latest") from err
-    if accelerator.is_main_process:
+    if main:
         if final.exists():  # a rerun of the same step: replace it only once the new one is complete
             old = root / f".old-checkpoint-{step}"
             shutil.rmtree(old, ignore_errors=True)
@@ -436,6 +336,26 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, *, model, to
     return final
 
 
+def _on_every_process(accelerator, action: Callable[[], None] | None) -> None:
+    """Run `action` (None: nothing here), then raise on every process the first error of a
+    writing kind that any process met (the exception travels pickled)."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    failure = None
+    try:
+        if action is not None:
+            action()
+    except (OSError, SafetensorError, CheckpointException) as err:
+        failure = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failure = next((f for f in gather_object([failure]) if f is not None), None)
+    if failure is not None:
+        raise failure
+
+
 def _load(path: Path, **kwargs) -> Any:
     try:
         return torch.load(path, weights_only=False, **kwargs)
@@ -443,15 +363,19 @@ def _load(path: Path, **kwargs) -> Any:
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (resume_from_checkpoint=latest_valid "
                               "takes the newest intact one)") from None
     except (OSError, EOFError, RuntimeError) as err:  # torch reports a damaged zip archive as RuntimeError
-        raise CheckpointError(f"{path} cannot be read ({_reason(err)}): the checkpoint is damaged "
+        raise CheckpointError(f"{path} cannot be read ({os_reason(err)}): the checkpoint is damaged "
                               "(resume_from_checkpoint=latest_valid takes the newest intact one)") from None
 
 
-def load_training_state(path: Path, accelerator, optimizer, scheduler) -> dict[str, Any]:
-    """Restore optimizer and scheduler; return trainer_state.json. This process's RNG state is
-    checked here (a missing one is an error: without it the resume would not be exact) and
-    restored when the run starts (`restore_rng_state`)."""
-    optimizer.load_state_dict(_load(path / "optimizer.pt", map_location=accelerator.device))
+def load_training_state(path: Path, accelerator, optimizer, scheduler, *, sharded_model=None) -> dict[str, Any]:
+    """Restore optimizer and scheduler (and, given `sharded_model`, its weights and the optimizer
+    from the DCP shards); return trainer_state.json. This process's RNG state is checked here (a
+    missing one is an error: without it the resume would not be exact) and restored when the run
+    starts (`restore_rng_state`)."""
+    if sharded_model is not None:
+        load_sharded_state(path, sharded_model, optimizer)
+    else:
+        optimizer.load_state_dict(_load(path / "optimizer.pt", map_location=accelerator.device))
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
     _load(path / f"rng_state_{accelerator.process_index}.pt")
     return json.loads((path / "trainer_state.json").read_text())

@@ -79,17 +79,21 @@ class EvalTotals:
 
 @torch.no_grad()
 def evaluate(engine: RolloutEngine, tokenizer, prompts: PromptSet, rewards: list[NamedReward], settings: EvalSettings,
-             *, indices: list[int] | None = None, on_batch=None, trainer_state=None) -> EvalTotals:
+             *, indices: list[int] | None = None, on_batch=None, trainer_state=None, pad_to: int = 0) -> EvalTotals:
     """Sample `settings.samples` completions per prompt (seeded per problem, so every evaluation
     of a run sees the same random draws) and, if `settings.greedy`, one greedy completion.
     `indices`: the problems to evaluate (default all); `trainer_state` is what reward functions
-    get as such (default: an empty transformers TrainerState)."""
+    get as such (default: an empty transformers TrainerState). `pad_to`: run the engine on this
+    many problems at least, repeating one and counting it once, so that processes sharing a
+    sharded model make the same engine calls whatever their share of the problems."""
     trainer_state = TrainerState() if trainer_state is None else trainer_state
     indices = list(range(len(prompts))) if indices is None else indices
     n = settings.samples
     totals = EvalTotals(k=n)
-    for start in range(0, len(indices), settings.batch_prompts):
-        rows = indices[start:start + settings.batch_prompts]
+    run = indices + [indices[0] if indices else 0] * max(pad_to - len(indices), 0)
+    for start in range(0, len(run), settings.batch_prompts):
+        rows = run[start:start + settings.batch_prompts]
+        counted = max(0, min(len(indices) - start, len(rows)))  # the rest only keep the processes in step
 
         def rewards_of(group_size: int, sampling: SamplingSettings, seeds: list[int]) -> list[float]:
             generation = engine.generate([prompts.prompt_ids[r] for r in rows], group_size, sampling, seeds)
@@ -100,7 +104,7 @@ def evaluate(engine: RolloutEngine, tokenizer, prompts: PromptSet, rewards: list
                          ids, prompts.columns(row_indices), trainer_state=trainer_state).total.tolist()
 
         sampled = rewards_of(n, settings.sampling, [derive_seed(settings.seed, "eval", r) for r in rows])
-        for i in range(len(rows)):
+        for i in range(counted):
             group = sampled[i * n:(i + 1) * n]
             correct = sum(1 for r in group if r >= 1.0)
             totals.problems += 1
@@ -111,7 +115,7 @@ def evaluate(engine: RolloutEngine, tokenizer, prompts: PromptSet, rewards: list
             totals.per_problem.append(correct / n)
         if settings.greedy:
             greedy = dataclasses.replace(settings.sampling, temperature=0.0, top_p=1.0)
-            totals.greedy_correct += sum(1 for r in rewards_of(1, greedy, [0] * len(rows)) if r >= 1.0)
-        if on_batch is not None:
-            on_batch(len(rows))
+            totals.greedy_correct += sum(1 for r in rewards_of(1, greedy, [0] * len(rows))[:counted] if r >= 1.0)
+        if on_batch is not None and counted:
+            on_batch(counted)
     return totals

@@ -13,6 +13,7 @@ from ..config import TrainConfig
 from ..data import FILE_FORMATS
 from ..errors import ConfigError
 from .checkpoint import MANIFEST, checkpoint_step, list_checkpoints
+from .sharded_checkpoint import is_sharded_checkpoint
 
 # Settings a built-in objective ignores.
 UNUSED_BY = {"sapo": frozenset({"epsilon", "epsilon_high"}), "grpo": frozenset({"tau_pos", "tau_neg"}),
@@ -22,6 +23,7 @@ CONTINUABLE = frozenset({
     "max_steps", "eval_dataset", "eval_steps", "eval_num_generations", "eval_greedy", "save_steps", "save_total_limit",
     "resume_from_checkpoint", "output_dir", "report_to", "log_completions", "micro_batch_size", "logprob_chunk_size",
     "padding_free", "max_num_seqs", "skip_reward_errors", "allow_unsandboxed_code", "max_nonfinite_steps",
+    "gradient_checkpointing", "max_tokens_per_micro_batch", "cpu_offload",
 })
 # What a run appends to in its output_dir (training/tracking.py): a fresh run never takes over another's.
 RUN_LOGS = ("metrics.jsonl", "completions.jsonl", "logratios.jsonl")
@@ -93,6 +95,13 @@ def check_start(config: TrainConfig, resume_path: Path | None, skipped: list[Pat
                           "output_dir")
     if resume_path is None:
         return
+    sharded = is_sharded_checkpoint(resume_path)
+    if sharded and not config.fsdp:
+        raise ConfigError(f"resume_from_checkpoint: {resume_path} holds sharded (fsdp=true) state; resume it with "
+                          f"fsdp=true, or `sapo export {resume_path} --out DIR` and start a new run with model=DIR")
+    if config.fsdp and not sharded:
+        raise ConfigError(f"resume_from_checkpoint: {resume_path} was saved without fsdp; resume it with fsdp=false, "
+                          f"or start a new sharded run from its weights with model={str(resume_path)!r}")
     saved = TrainConfig.load_saved(resume_path / "config.yaml")
     started_in = json.loads((resume_path / "trainer_state.json").read_text()).get("working_directory")
     differences = run_differences(config, saved, other_cwd=started_in) if saved is not None else []

@@ -12,6 +12,8 @@ from torch import Tensor
 from ..data import PromptSet, derive_seed
 from ..engines import Generation, RolloutEngine, SamplingSettings
 from ..model.logprobs import ForwardSettings, completion_logprobs
+from . import micro_batches
+from .micro_batches import sample_tokens
 
 
 @dataclass(frozen=True)
@@ -105,11 +107,11 @@ def batched_logprobs(model, rollout: Rollout, forward: ForwardSettings) -> Tenso
     """(B, T) log-probabilities of the rollout's completions, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
-    parts = []
-    for start in range(0, len(rollout), forward.micro_batch_size):
-        part = rollout.select(list(range(start, min(start + forward.micro_batch_size, len(rollout)))))
-        logp_BT, _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                         part.completion_mask, forward)
-        parts.append(logp_BT)
+    logp_BT = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
+    tokens_B = sample_tokens(rollout.prompt_mask, rollout.completion_mask)
+    for idx in micro_batches.split(list(range(len(rollout))), tokens_B, forward, rollout.completion_ids.device):
+        part = rollout.select(idx)
+        logp_BT[idx], _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                              part.completion_mask, forward)
     model.train(was_training)
-    return torch.cat(parts)
+    return logp_BT

@@ -10,6 +10,7 @@ from ..algorithms import LossSettings
 from ..config import TrainConfig
 from ..engines import SamplingSettings
 from ..model.logprobs import ForwardSettings
+from ..model.sharding import ModelSettings
 from ..rewards import RewardSettings
 from .evaluation import EvalSettings
 from .reward import AdvantageSettings
@@ -19,6 +20,7 @@ from .update import UpdateSettings
 
 @dataclass(frozen=True)
 class RunSettings:
+    model: ModelSettings
     rollout: RolloutSettings
     rewards: RewardSettings
     advantage: AdvantageSettings
@@ -30,12 +32,15 @@ class RunSettings:
         sampling = SamplingSettings(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                     top_p=cfg.top_p, max_num_seqs=cfg.max_num_seqs)
         forward = ForwardSettings(temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size,
-                                  padding_free=cfg.padding_free, micro_batch_size=cfg.micro_batch_size)
+                                  padding_free=cfg.padding_free, micro_batch_size=cfg.micro_batch_size,
+                                  max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch)
         loss = LossSettings(loss_type=cfg.loss_type, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, epsilon=cfg.epsilon,
                             epsilon_high=cfg.epsilon_high, beta=cfg.beta, aggregation=cfg.aggregation,
                             max_tokens=cfg.max_completion_length)
         weights = None if cfg.reward_weights is None else tuple(cfg.reward_weights)
         return cls(
+            model=ModelSettings(fsdp=cfg.fsdp, param_dtype=cfg.param_dtype, cpu_offload=cfg.cpu_offload,
+                                gradient_checkpointing=cfg.gradient_checkpointing),
             rollout=RolloutSettings(group_size=cfg.num_generations, sampling=sampling, forward=forward,
                                     needs_old_logprobs=cfg.num_minibatches > 1 or cfg.num_iterations > 1,
                                     use_rollout_logprobs=cfg.use_rollout_logprobs, seed=cfg.seed),

@@ -46,7 +46,7 @@ class RunLogger:
         self.enabled = enabled
         self.dir = Path(output_dir)
         self.tensorboard = self.wandb = None
-        self.lock = lock  # the output directory's lock (checkpoint.OutputDirLock), released by close()
+        self.lock = lock  # the output directory's lock (output_dir.OutputDirLock), released by close()
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)

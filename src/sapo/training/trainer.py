@@ -27,18 +27,13 @@ from ..model.loading import (
     load_tokenizer,
     mixed_precision,
 )
+from ..model.logprobs import settle_padding_free
+from ..model.sharding import enable_gradient_checkpointing, load_sharded
 from ..rewards import check_signature, load_reward_function
 from . import evaluation
-from .checkpoint import (
-    check_output_dir_usable,
-    load_training_state,
-    lock_output_dir,
-    print_note,
-    resolve_resume,
-    restore_rng_state,
-    save_checkpoint,
-)
+from .checkpoint import load_training_state, print_note, resolve_resume, restore_rng_state, save_checkpoint
 from .identity import check_start, output_dir_state
+from .output_dir import check_output_dir_usable, lock_output_dir
 from .reward import advantages, reward_metrics, score_rollout
 from .rollout import Rollout, batched_logprobs, behaviour_logprobs, sample
 from .settings import RunSettings
@@ -61,12 +56,17 @@ class Trainer:
         self.working_directory = os.getcwd()  # what the config's relative paths are relative to
         # Without a GPU, Accelerator() treats every launched process as a lone one; cpu=True makes a
         # multi-process launch use torch.distributed with gloo.
+        # With fsdp the forward passes run in param_dtype (FSDP's mixed precision), not under autocast.
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              mixed_precision=mixed_precision(config.dtype))
+                                              mixed_precision="no" if config.fsdp else mixed_precision(config.dtype))
         if self.acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-            raise ConfigError(f"distributed type {self.acc.distributed_type} is not supported yet: sapo-rl trains with "
-                              "DDP (accelerate launch --multi_gpu); DeepSpeed and FSDP are not wired in")
+            raise ConfigError(f"distributed type {self.acc.distributed_type} is not supported: launch without "
+                              "accelerate's FSDP or DeepSpeed plugin (torchrun, or accelerate launch --multi_gpu) and "
+                              "set fsdp=true to shard the model with sapo-rl's own FSDP2")
         world = self.acc.num_processes
+        if config.fsdp and world < 2:
+            raise ConfigError("fsdp=true needs 2 or more processes: launch with torchrun --nproc_per_node N -m sapo "
+                              "train ... (or accelerate launch), or set fsdp=false on one process")
         if config.prompts_per_step % world:
             raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the number of "
                               f"processes ({world})")
@@ -96,10 +96,8 @@ class Trainer:
         # moving the global RNG (train() seeds it).
         with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(config.seed)
-            model = disable_dropout(load_model(self.resume_path or config.model))
-            check_sequence_lengths(model.config, config.max_prompt_length, config.max_completion_length)
-            ref_model = frozen_copy(load_model(config.model)) if config.beta > 0 else None
-        self.ref_model = ref_model.to(self.acc.device) if ref_model is not None else None
+            model, ref_model = self._load_models()
+        self.ref_model = ref_model
         # The fused AdamW kernel (CPU and CUDA) does one pass over the parameters instead of one per operation.
         fused = dict(fused=True) if config.optim == "adamw" and self.acc.device.type in ("cpu", "cuda") else {}
         optimizer = _OPTIMIZERS[config.optim](model.parameters(), lr=config.learning_rate,
@@ -107,17 +105,39 @@ class Trainer:
         updates_per_step = config.num_minibatches * config.num_iterations
         scheduler = get_scheduler(_SCHEDULERS[config.lr_scheduler], optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=config.max_steps * updates_per_step)
-        model, optimizer = self.acc.prepare(model, optimizer)
+        if not config.fsdp:  # a sharded model is FSDP's already: accelerate would wrap it in DDP
+            model, optimizer = self.acc.prepare(model, optimizer)
         self.state = PolicyState(model, optimizer, scheduler, self.acc)
         self.engine = HFEngine(self.acc.unwrap_model(model), eos_token_id=self.tokenizer.eos_token_id,
-                               pad_token_id=self.tokenizer.pad_token_id, device=self.acc.device)
+                               pad_token_id=self.tokenizer.pad_token_id, device=self.acc.device, lockstep=config.fsdp)
 
         self.start_step, self.wall_seconds_before, self._started = 0, 0.0, time.perf_counter()
         if self.resume_path is not None:
-            trainer_state = load_training_state(self.resume_path, self.acc, optimizer, scheduler)
+            trainer_state = load_training_state(self.resume_path, self.acc, optimizer, scheduler,
+                                                sharded_model=model if config.fsdp else None)
             self.start_step = trainer_state["step"]
             self.wall_seconds_before = trainer_state.get("wall_seconds", 0.0)
+        if config.fsdp:  # decided now, on every process alike: a check later would add forward passes on some
+            for module in (model, ref_model):
+                if module is not None:
+                    settle_padding_free(module, self.settings.rollout.forward)
         self.logger: RunLogger | None = None
+
+    def _load_models(self):
+        """The policy (from the checkpoint to resume, if any) and the reference model (beta > 0).
+        Sharded: only the main process reads the weights, and a sharded checkpoint's are read
+        with the optimizer state (load_training_state)."""
+        cfg, settings, device = self.config, self.settings.model, self.acc.device
+        if cfg.fsdp:
+            model = load_sharded(cfg.model, settings, device)
+            ref_model = load_sharded(cfg.model, settings, device, trainable=False) if cfg.beta > 0 else None
+        else:
+            model = disable_dropout(load_model(self.resume_path or cfg.model))
+            if settings.gradient_checkpointing:
+                enable_gradient_checkpointing(model)
+            ref_model = frozen_copy(load_model(cfg.model)).to(device) if cfg.beta > 0 else None
+        check_sequence_lengths(model.config, cfg.max_prompt_length, cfg.max_completion_length)
+        return model, ref_model
 
     @property
     def model(self):
@@ -304,7 +324,9 @@ class Trainer:
         with acc.autocast():
             totals = evaluation.evaluate(self.engine, self.tokenizer, self.eval_set, self.rewards, settings,
                                          indices=list(range(acc.process_index, len(self.eval_set), acc.num_processes)),
-                                         trainer_state=TrainerState(global_step=step, max_steps=self.config.max_steps))
+                                         trainer_state=TrainerState(global_step=step, max_steps=self.config.max_steps),
+                                         pad_to=math.ceil(len(self.eval_set) / acc.num_processes) if self.config.fsdp
+                                         else 0)
         summed = acc.reduce(totals.as_tensor().to(acc.device), "sum").cpu()
         metrics = evaluation.EvalTotals.from_tensor(summed, settings.samples).metrics()
         if not settings.greedy:
@@ -324,7 +346,7 @@ class Trainer:
                                               "working_directory": self.working_directory,
                                               "wall_seconds": (self.wall_seconds_before + time.perf_counter()
                                                                - self._started)},
-                               save_total_limit=self.config.save_total_limit)
+                               save_total_limit=self.config.save_total_limit, sharded=self.config.fsdp)
 
 
 def _clean(x: float) -> float | None:

@@ -3,7 +3,6 @@ each, `num_iterations` times. Later minibatches are off-policy: that is where th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections import defaultdict
@@ -18,7 +17,10 @@ from ..algorithms.policy_loss import unmasked_nonfinite
 from ..data import derive_seed
 from ..errors import NonFiniteUpdateError
 from ..model.logprobs import ForwardSettings, completion_logprobs
+from ..model.sharding import gradient_sync, local_tensors, total_grad_norm
 from .diagnostics import OffPolicyStats
+from .micro_batches import sample_tokens
+from .micro_batches import split as micro_batch_split
 from .rollout import Rollout
 
 
@@ -147,6 +149,7 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
     mask_BT = rollout.completion_mask.clone()
     if settings.mask_truncated_completions:
         mask_BT = mask_BT * (~rollout.truncated).unsqueeze(-1)
+    tokens_B = sample_tokens(rollout.prompt_mask, rollout.completion_mask)
     world = accelerator.num_processes
     own_streak = nonfinite is None
     nonfinite = NonFiniteSteps(settings.max_nonfinite_steps) if own_streak else nonfinite
@@ -158,18 +161,17 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
                               iteration=iteration, first_position=rollout.first_position)
         for k, minibatch in enumerate(plan):
             # Divide every micro-batch by the whole minibatch's denominator, summed over processes and
-            # divided by their number because DDP averages gradients: the update is then that of the
-            # global minibatch, whatever the micro-batch size or process count.
+            # divided by their number because DDP and FSDP average gradients: the update is then that
+            # of the global minibatch, whatever the micro-batches or the process count.
             denominator = accelerator.reduce(aggregation_denominator(settings.loss.aggregation, mask_BT[minibatch])
                                              .to(accelerator.device), "sum") / world
-            micro_batches = [minibatch[i:i + forward.micro_batch_size]
-                             for i in range(0, len(minibatch), forward.micro_batch_size)]
+            micro_batches = micro_batch_split(minibatch, tokens_B, forward, accelerator.device)
             # Held until the step is known to be finite, so that a skipped step's NaNs stay out of the logs.
             loss, added, log_ratios = 0.0, [], []
             bad_inputs = torch.zeros((), dtype=torch.long, device=accelerator.device)
             for j, idx in enumerate(micro_batches):
                 sync = j == len(micro_batches) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with gradient_sync(accelerator, model, sync):
                     part = rollout.select(idx)
                     logp_BT, entropy_BT = completion_logprobs(model, part.prompt_ids, part.prompt_mask,
                                                               part.completion_ids, part.completion_mask, forward,
@@ -297,7 +299,7 @@ def parameters_finite(accelerator, model) -> bool:
     kernel of gradient clipping; max-abs is ~10x slower on CPU) and one sync. It also fails
     for finite entries beyond ~1e19, whose squares overflow: such weights overflow the forward
     pass too, and the next rollout would sample from NaN probabilities."""
-    params = [p.detach() for p in model.parameters()]
+    params = local_tensors(p.detach() for p in model.parameters())  # each process checks its shards
     if not params:
         return True
     bad = (~torch.isfinite(torch.stack(torch._foreach_norm(params)))).sum().to(torch.float32)
@@ -319,11 +321,11 @@ def _across_processes(accelerator, stats: MetricMean) -> MetricMean:
 
 
 def _clip(accelerator, model, max_grad_norm: float) -> Tensor:
-    if max_grad_norm > 0:
-        return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    # A loss scaler's gradients are scaled: the norm is that of the unscaled ones, as when clipping.
-    accelerator.unscale_gradients()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=accelerator.device)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    """The global gradient norm, clipped to max_grad_norm if > 0 (torch's clip_grad_norm_ in two
+    steps, so that a sharded model's norm is reduced over processes first)."""
+    accelerator.unscale_gradients()  # a loss scaler's gradients: the norm is of the unscaled ones
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = total_grad_norm(params)
+    if max_grad_norm > 0 and params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+    return norm
