@@ -9,7 +9,8 @@
    shape, sharded over one process with FSDP2 (param_dtype bfloat16, float32 masters and AdamW),
    chunked log-probs, padding-free rows, micro-batches of 16384 tokens, gradient checkpointing
    off and on: seconds, tokens/s, peak memory and MFU (6 x parameters x tokens / seconds / the
-   GPU's dense bfloat16 peak; the recomputation of checkpointing is not counted as useful work).
+   GPU's dense bfloat16 peak, each prompt counted once per group as padding-free rows share it;
+   the recomputation of checkpointing is not counted as useful work).
 4. fsdp: the shipped model loaded with `load_sharded` (one process, bfloat16 MixedPrecisionPolicy),
    one update, a sharded checkpoint saved and read back, and exported.
 
@@ -163,10 +164,13 @@ def part_update(small: bool, device: torch.device, checkpointing: bool) -> dict:
     sync(device)
     seconds = time.perf_counter() - t0
     tokens = Q * G * (P + T)
+    # Useful work: padding-free rows compute a shared prompt once per row, not once per sample, so
+    # MFU counts each prompt once per group (a lower bound of the positions actually computed).
+    useful = Q * P + Q * G * T
     peak = peak_flops()
     return {"parameters": params, "samples": Q * G, "tokens": tokens, "gradient_checkpointing": checkpointing,
             "seconds_per_optimizer_step": seconds, "tokens_per_second": tokens / seconds, "peak_gb": peak_gb(device),
-            "mfu": 6 * params * tokens / seconds / peak if peak else None, "loss": result.metrics["loss"],
+            "mfu": 6 * params * useful / seconds / peak if peak else None, "loss": result.metrics["loss"],
             "grad_norm": result.metrics["grad_norm"]}
 
 

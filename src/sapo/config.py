@@ -204,10 +204,12 @@ class TrainConfig:
     (non-reentrant; transformers' activation checkpointing): far less activation memory for
     about one more forward pass of time. The update does not change."""
     max_tokens_per_micro_batch: int = 0
-    """Pack micro-batches by token count (prompt + completion tokens) instead of micro_batch_size
-    sequences (verl's use_dynamic_bsz with ppo_max_token_len_per_gpu); 0: off. It must hold the
-    longest possible sample, max_prompt_length + max_completion_length. The update does not
-    change: each micro-batch is divided by its whole minibatch's denominator."""
+    """Pack micro-batches by the positions a forward pass computes instead of micro_batch_size
+    sequences (verl's use_dynamic_bsz with ppo_max_token_len_per_gpu): each micro-batch is
+    trimmed to its longest prompt and completion, and rows x (longest prompt + longest
+    completion) stays within this; 0: off. It must hold the longest possible sample,
+    max_prompt_length + max_completion_length. The update does not change: each micro-batch is
+    divided by its whole minibatch's denominator."""
 
     # --- run ---
     max_steps: int = 100

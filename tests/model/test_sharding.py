@@ -39,3 +39,14 @@ def test_gradient_checkpointing_of_a_model_without_it_is_refused():
 def test_one_process_is_its_own_maximum_and_an_unsharded_model_computes_in_its_dtype():
     assert max_over_processes(7, torch.device("cpu")) == 7
     assert compute_dtype(tiny()) == torch.float32
+
+
+def test_a_sharded_checkpoint_is_not_loaded_as_a_model_directory(tmp_path):
+    from sapo.model.loading import load_model
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"is a sharded \(fsdp=true\) checkpoint, not a model directory: `sapo "
+                                          r"export .* --out DIR` writes one"):
+        load_model(tmp_path)

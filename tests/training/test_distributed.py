@@ -10,6 +10,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.multiprocess
+
 
 def launch(config_path, *overrides, processes):
     if processes == 1:

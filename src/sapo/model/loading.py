@@ -12,6 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from ..errors import ConfigError
 
 _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+# Where a sharded checkpoint keeps its torch.distributed.checkpoint shards (training/sharded_checkpoint.py).
+DCP_DIR = "dcp"
+DCP_METADATA = f"{DCP_DIR}/.metadata"
 
 
 def load_tokenizer(path: str | Path):
@@ -55,6 +58,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     from safetensors import SafetensorError
 
     _check_config_json(path)
+    if (Path(path) / DCP_METADATA).is_file():
+        raise ConfigError(f"{path} is a sharded (fsdp=true) checkpoint, not a model directory: `sapo export {path} "
+                          "--out DIR` writes one (or resume it with fsdp=true)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (SafetensorError, OSError) as err:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .chunked_logprobs import token_logprobs
 from .loading import forward_keeping_logits
 from .packing import pack_rows
-from .sharding import compute_dtype
+from .sharding import compute_dtype, is_sharded
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     """
     layout = _padded_layout(prompt_ids, prompt_mask, completion_ids, completion_mask)
     packed = None
+    if forward.padding_free and is_sharded(_inner(model)):  # at the first call, which every process makes
+        settle_padding_free(model, forward, prompt_ids.device)
     if forward.padding_free and _PACKING_VERIFIED.get(_inner(model)) is not False:
         packed = _packed_layout(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
     if packed is not None and _packing_verified(model, layout, *packed, completion_ids, completion_mask,
@@ -154,16 +156,16 @@ def _packing_verified(model, usual: _Layout, packed: _Layout, shared: bool, comp
     return ok
 
 
-def settle_padding_free(model, forward: ForwardSettings) -> bool:
-    """Decide once, on a fixed batch whose rows hold several samples each, whether `model` uses
-    padding-free rows, so that no later call checks (and runs extra forward passes) on some
-    processes only: for a sharded model, whose forward passes every process must make together."""
+def settle_padding_free(model, forward: ForwardSettings, device: torch.device) -> bool:
+    """Decide once, on a fixed batch (on `device`) whose rows hold several samples each, whether
+    `model` uses padding-free rows, so that no later call checks (and runs extra forward passes)
+    on some processes only: for a sharded model, whose forward passes every process must make
+    together. `completion_logprobs` calls it at a sharded model's first use."""
     inner = _inner(model)
     if not forward.padding_free or isinstance(_PACKING_VERIFIED.get(inner), bool):
         return _PACKING_VERIFIED.get(inner, False) is True
     vocab = inner.config.get_text_config(decoder=True).vocab_size
     g = torch.Generator().manual_seed(0)
-    device = next(iter(inner.buffers()), torch.zeros(())).device
     prompt_BP = torch.randint(vocab, (4, 6), generator=g).to(device)  # 2 prompts x 2 samples, long prompts:
     completion_BT = torch.randint(vocab, (4, 3), generator=g).to(device)  # the packed rows are shared
     prompt_BP[1], prompt_BP[3] = prompt_BP[0], prompt_BP[2]

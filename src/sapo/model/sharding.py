@@ -100,7 +100,7 @@ def load_sharded(path: str | Path, settings: ModelSettings, device: torch.device
     (one full copy in host memory, not one per process); the others build it on the meta device,
     and the shards are sent from the main process. A load that fails there fails everywhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     main = dist.get_rank() == 0
     full, failure = None, None
@@ -109,15 +109,17 @@ def load_sharded(path: str | Path, settings: ModelSettings, device: torch.device
             full = load_model(path)
         except ConfigError as err:
             failure = err
-    failure = _broadcast(failure)
+        except Exception as err:  # noqa: BLE001 - any failure here must reach the waiting processes
+            failure = ConfigError(f"model {path} could not be loaded: {type(err).__name__}: {err}")
+    # The main process's config and generation config, so that every process builds the same model.
+    failure, config, generation = _broadcast((failure, full.config, full.generation_config) if main and not failure
+                                             else (failure, None, None))
     if failure is not None:
         raise failure
-    config = full.config if main else AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config.use_cache = True
-    if (Path(path) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.generation_config = generation
     disable_dropout(model)
     if trainable and settings.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -166,16 +168,22 @@ def gradient_sync(accelerator, model, sync: bool):
     return accelerator.no_sync(model)
 
 
-def total_grad_norm(parameters: list[Tensor]) -> Tensor:
-    """The 2-norm of all gradients as a plain tensor, sharded ones included (FSDP's are DTensors
-    whose norm is a reduction over processes)."""
+def total_grad_norm(parameters: list[Tensor], device: torch.device) -> Tensor:
+    """The 2-norm of all gradients as a plain tensor on the gradients' device. FSDP shards every
+    parameter over the processes: the squares of each process's shards are summed over
+    processes on `device` (offloaded shards are on the CPU, and an NCCL group reduces only
+    CUDA tensors)."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.get_total_norm(grads)
+    local = local_tensors(grads)
+    squares = torch.stack([n.to(device) for n in torch._foreach_norm(local)]).pow(2).sum()
+    dist.all_reduce(squares)
+    return squares.sqrt().to(local[0].device)
 
 
 def local_tensors(tensors) -> list[Tensor]:

@@ -22,8 +22,9 @@ import torch
 
 from ..config import read_yaml_mapping
 from ..errors import CheckpointError, ConfigError, ProcessCountMismatch
+from ..model.loading import DCP_METADATA
 from .output_dir import os_reason
-from .sharded_checkpoint import DCP_METADATA, load_sharded_state, save_sharded_state
+from .sharded_checkpoint import load_sharded_state, save_sharded_state
 
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Hidden names that only this module creates (and so may remove): a checkpoint being written,

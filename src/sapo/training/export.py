@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..model.loading import load_model, load_tokenizer
+from ..model.loading import DCP_DIR, load_model, load_tokenizer
 from .checkpoint import verify_checkpoint
-from .sharded_checkpoint import DCP_DIR, is_sharded_checkpoint
+from .sharded_checkpoint import is_sharded_checkpoint
 
 
 def export_model(checkpoint: Path, out: Path, dtype: str | None = None) -> Path:

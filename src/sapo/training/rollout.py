@@ -13,7 +13,6 @@ from ..data import PromptSet, derive_seed
 from ..engines import Generation, RolloutEngine, SamplingSettings
 from ..model.logprobs import ForwardSettings, completion_logprobs
 from . import micro_batches
-from .micro_batches import sample_tokens
 
 
 @dataclass(frozen=True)
@@ -73,12 +72,30 @@ class Rollout:
                    truncated=generation.truncated, row_indices=[r for r in rows for _ in range(G)],
                    sampling_logprobs=generation.logprobs, step=step, first_position=first_position)
 
+    def trimmed(self) -> "Rollout":
+        """The same samples without the prompt columns (left) and completion columns (right)
+        that are padding in every one of them."""
+        used_P, used_T = self.prompt_mask.any(0).nonzero(), self.completion_mask.any(0).nonzero()
+        p0 = int(used_P[0]) if len(used_P) else 0
+        t1 = int(used_T[-1]) + 1 if len(used_T) else 1
+        cut = lambda t: None if t is None else t[:, :t1]  # noqa: E731
+        return Rollout(self.prompt_ids[:, p0:], self.prompt_mask[:, p0:], self.completion_ids[:, :t1],
+                       self.completion_mask[:, :t1], self.truncated, self.row_indices, cut(self.old_logprobs),
+                       cut(self.ref_logprobs), cut(self.sampling_logprobs), self.step, self.first_position)
+
     def select(self, idx: list[int]) -> "Rollout":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                        self.completion_mask[idx], self.truncated[idx], [self.row_indices[i] for i in idx],
                        pick(self.old_logprobs), pick(self.ref_logprobs), pick(self.sampling_logprobs),
                        self.step, self.first_position)
+
+
+def micro_batch(rollout: Rollout, idx: list[int], forward: ForwardSettings) -> Rollout:
+    """The samples `idx`; with a token budget, without the columns that are padding in all of
+    them, so that the budget bounds what the forward pass computes."""
+    part = rollout.select(idx)
+    return part.trimmed() if forward.max_tokens_per_micro_batch else part
 
 
 def sample(engine: RolloutEngine, prompts: PromptSet, rows: list[int], settings: RolloutSettings, *,
@@ -108,10 +125,10 @@ def batched_logprobs(model, rollout: Rollout, forward: ForwardSettings) -> Tenso
     was_training = model.training
     model.eval()
     logp_BT = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
-    tokens_B = sample_tokens(rollout.prompt_mask, rollout.completion_mask)
-    for idx in micro_batches.split(list(range(len(rollout))), tokens_B, forward, rollout.completion_ids.device):
-        part = rollout.select(idx)
-        logp_BT[idx], _ = completion_logprobs(model, part.prompt_ids, part.prompt_mask, part.completion_ids,
-                                              part.completion_mask, forward)
+    lengths = micro_batches.sample_lengths(rollout.prompt_mask, rollout.completion_mask)
+    for idx in micro_batches.split(list(range(len(rollout))), lengths, forward, rollout.completion_ids.device):
+        part = micro_batch(rollout, idx, forward)
+        logp_BT[idx, :part.completion_ids.shape[1]], _ = completion_logprobs(
+            model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask, forward)
     model.train(was_training)
     return logp_BT

@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..model.loading import DCP_METADATA
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     rows = []
@@ -87,4 +89,7 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     table.add_row("wall seconds", "", f"{summary['wall_seconds']:.0f}")
     (console or Console()).print(table)
     if summary.get("checkpoint"):
-        (console or Console()).print(f"model saved in {summary['checkpoint']}; summary.json and training.png beside it")
+        checkpoint = summary["checkpoint"]
+        where = (f"sharded model saved in {checkpoint} (`sapo export {checkpoint} --out DIR` writes a model directory)"
+                 if (Path(checkpoint) / DCP_METADATA).is_file() else f"model saved in {checkpoint}")
+        (console or Console()).print(f"{where}; summary.json and training.png beside it")

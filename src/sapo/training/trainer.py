@@ -79,9 +79,9 @@ class Trainer:
         # again under the lock: the state first, so that a change while reading shows.
         self._on_main(lambda: check_output_dir_usable(config.output_dir))
         checked_state = output_dir_state(config.output_dir)
-        self.resume_path, skipped = resolve_resume(config.resume_from_checkpoint, config.output_dir,
-                                                   num_processes=world,
-                                                   log=print_note if self.acc.is_main_process else None)
+        # The main process reads and checks every file of the checkpoint (shards included) once.
+        self.resume_path, skipped = self._on_main(lambda: resolve_resume(
+            config.resume_from_checkpoint, config.output_dir, num_processes=world, log=print_note), share=True)
         check_start(config, self.resume_path, skipped)
         self._checked = (checked_state, skipped)
         self.tokenizer = load_tokenizer(config.model)
@@ -120,7 +120,7 @@ class Trainer:
         if config.fsdp:  # decided now, on every process alike: a check later would add forward passes on some
             for module in (model, ref_model):
                 if module is not None:
-                    settle_padding_free(module, self.settings.rollout.forward)
+                    settle_padding_free(module, self.settings.rollout.forward, self.acc.device)
         self.logger: RunLogger | None = None
 
     def _load_models(self):
@@ -165,9 +165,10 @@ class Trainer:
             check_signature(reward, columns)
         return prompts
 
-    def _on_main(self, action):
+    def _on_main(self, action, *, share: bool = False):
         """`action()` on the main process; a ConfigError it raises is raised on every process, which
-        would otherwise wait for the main one at the next collective."""
+        would otherwise wait for the main one at the next collective. The result stays on the
+        main process (None elsewhere) unless `share`."""
         result, failure = None, None
         if self.acc.is_main_process:
             try:
@@ -175,7 +176,8 @@ class Trainer:
             except ConfigError as err:
                 failure = err
         if self.acc.num_processes > 1:
-            failure = broadcast_object_list([failure])[0]
+            failure, shared = broadcast_object_list([failure, result if share else None])
+            result = shared if share else result
         if failure is not None:
             raise failure
         return result

@@ -19,9 +19,9 @@ from ..errors import NonFiniteUpdateError
 from ..model.logprobs import ForwardSettings, completion_logprobs
 from ..model.sharding import gradient_sync, local_tensors, total_grad_norm
 from .diagnostics import OffPolicyStats
-from .micro_batches import sample_tokens
+from .micro_batches import sample_lengths
 from .micro_batches import split as micro_batch_split
-from .rollout import Rollout
+from .rollout import Rollout, micro_batch
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
     mask_BT = rollout.completion_mask.clone()
     if settings.mask_truncated_completions:
         mask_BT = mask_BT * (~rollout.truncated).unsqueeze(-1)
-    tokens_B = sample_tokens(rollout.prompt_mask, rollout.completion_mask)
+    lengths = sample_lengths(rollout.prompt_mask, rollout.completion_mask)
     world = accelerator.num_processes
     own_streak = nonfinite is None
     nonfinite = NonFiniteSteps(settings.max_nonfinite_steps) if own_streak else nonfinite
@@ -165,21 +165,21 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
             # of the global minibatch, whatever the micro-batches or the process count.
             denominator = accelerator.reduce(aggregation_denominator(settings.loss.aggregation, mask_BT[minibatch])
                                              .to(accelerator.device), "sum") / world
-            micro_batches = micro_batch_split(minibatch, tokens_B, forward, accelerator.device)
+            micro_batches = micro_batch_split(minibatch, lengths, forward, accelerator.device)
             # Held until the step is known to be finite, so that a skipped step's NaNs stay out of the logs.
             loss, added, log_ratios = 0.0, [], []
             bad_inputs = torch.zeros((), dtype=torch.long, device=accelerator.device)
             for j, idx in enumerate(micro_batches):
                 sync = j == len(micro_batches) - 1
                 with gradient_sync(accelerator, model, sync):
-                    part = rollout.select(idx)
+                    part = micro_batch(rollout, idx, forward)
                     logp_BT, entropy_BT = completion_logprobs(model, part.prompt_ids, part.prompt_mask,
                                                               part.completion_ids, part.completion_mask, forward,
                                                               with_entropy=True)
                     # With one minibatch and one pass the policy has not moved since the rollout:
                     # pi_old is pi_theta and its separate forward pass was skipped.
                     old_BT = logp_BT.detach() if part.old_logprobs is None else part.old_logprobs
-                    mask = mask_BT[idx]
+                    mask = mask_BT[idx][:, :part.completion_ids.shape[1]]
                     # policy_loss's own check would raise on this process alone and leave the others
                     # waiting in the gradient all-reduce; the step is skipped everywhere instead.
                     # An inf log-prob is clamped to a finite loss, so the loss alone would not show it.
@@ -325,7 +325,7 @@ def _clip(accelerator, model, max_grad_norm: float) -> Tensor:
     steps, so that a sharded model's norm is reduced over processes first)."""
     accelerator.unscale_gradients()  # a loss scaler's gradients: the norm is of the unscaled ones
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = total_grad_norm(params)
+    norm = total_grad_norm(params, accelerator.device)
     if max_grad_norm > 0 and params:
         torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     return norm

@@ -16,9 +16,10 @@ import sapo
 from sapo.engines import HFEngine, SamplingSettings
 from sapo.errors import CheckpointError
 from sapo.model.sharding import ModelSettings, load_sharded
-from sapo.training import checkpoint
+from sapo.training import checkpoint, micro_batches
 from sapo.training.rollout import Rollout
 from sapo.training.settings import RunSettings
+from sapo.training.sharded_checkpoint import load_sharded_state, save_sharded_state
 from sapo.training.update import PolicyState, policy_update
 
 
@@ -67,11 +68,14 @@ def failed_save(trainer, found: dict) -> None:
 
 
 def fixed_rollout(vocab: int, rank: int) -> tuple[Rollout, torch.Tensor]:
+    """Process 0's completions are long, process 1's one token each: packed by a token budget,
+    they make different numbers of micro-batches."""
     g = torch.Generator().manual_seed(10 + rank)
     B, P, T = 6, 4, 5
     prompt_mask = torch.ones(B, P, dtype=torch.long)
     prompt_mask[::2, :1] = 0
-    completion_mask = (torch.arange(T) < torch.tensor([5, 2, 4, 1, 5, 3])[:, None]).long()
+    lengths = torch.tensor([5, 2, 4, 1, 5, 3] if rank == 0 else [1] * 6)
+    completion_mask = (torch.arange(T) < lengths[:, None]).long()
     rollout = Rollout(torch.randint(3, vocab, (B, P), generator=g), prompt_mask,
                       torch.randint(3, vocab, (B, T), generator=g) * completion_mask, completion_mask,
                       torch.zeros(B, dtype=torch.bool), list(range(B)))
@@ -85,6 +89,13 @@ def bf16_against_fp32(plan: dict, out: Path, found: dict) -> None:
 
     acc = Accelerator(cpu=True)
     settings = RunSettings.from_config(sapo.TrainConfig(**plan["update_config"])).update
+    real_split_to, counts = micro_batches.split_to, []
+
+    def recording_split_to(parts, lengths, count):
+        counts.append((len(parts), count))
+        return real_split_to(parts, lengths, count)
+
+    micro_batches.split_to = recording_split_to
     for dtype in ("float32", "bfloat16"):
         model = load_sharded(plan["model"], ModelSettings(fsdp=True, param_dtype=dtype), acc.device)
         before = full_state(model)
@@ -97,6 +108,21 @@ def bf16_against_fp32(plan: dict, out: Path, found: dict) -> None:
                                     "param_dtypes": sorted({str(p.dtype) for p in model.parameters()})}
         if dist.get_rank() == 0:
             save_file({k: after[k] - before[k] for k in after}, out / f"update_{dtype}.safetensors")
+    micro_batches.split_to = real_split_to
+    found[f"micro_batch_counts_rank{dist.get_rank()}"] = counts
+
+
+def unstepped_optimizer(plan: dict, out: Path, found: dict) -> None:
+    """A sharded checkpoint of an optimizer that never stepped, saved and read back: it stays
+    without state (torch would otherwise give it a first step)."""
+    from accelerate import Accelerator
+
+    model = load_sharded(plan["model"], ModelSettings(fsdp=True), Accelerator(cpu=True).device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    save_sharded_state(out / "unstepped", model, optimizer)
+    empty_after_save = not optimizer.state
+    load_sharded_state(out / "unstepped", model, optimizer)
+    found["unstepped_optimizer"] = [empty_after_save, not optimizer.state]
 
 
 def lockstep_decoding(plan: dict, found: dict) -> None:
@@ -127,6 +153,7 @@ def main() -> None:
     failed_save(trainers["dense"], found)
     bf16_against_fp32(plan, out, found)
     lockstep_decoding(plan, found)
+    unstepped_optimizer(plan, out, found)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, found)
     if dist.get_rank() == 0:
