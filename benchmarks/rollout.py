@@ -10,6 +10,8 @@ other on the same model and prompts:
   plain generate   one `model.generate` call on the batch of prompts, each repeated G times
                    (what TRL's GRPOTrainer does without vLLM): G prefills per prompt
   sapo-rl          the `hf` engine (`sapo.engines.HFEngine`), shared prefill (the trainer's default)
+  sapo-rl bf16     the same engine sampling with a bfloat16 copy of the model (rollout_dtype=bfloat16),
+                   refreshed from the float32 weights before every call, as the trainer does each step
 
 Tokens per second count generated tokens up to and including EOS. Each variant runs once to
 warm up, then --repeats times; the fastest run is reported.
@@ -51,6 +53,19 @@ def sapo_generate(model, prompts, G, max_new_tokens, eos, pad, device):
     from sapo.engines import HFEngine, SamplingSettings
 
     engine = HFEngine(model, eos_token_id=eos, pad_token_id=pad, device=torch.device(device))
+    generation = engine.generate(prompts, G, SamplingSettings(max_new_tokens=max_new_tokens), list(range(len(prompts))))
+    return int(generation.completion_mask.sum())
+
+
+_BF16_ENGINES: dict = {}
+
+
+def sapo_generate_bf16(model, prompts, G, max_new_tokens, eos, pad, device):
+    from sapo.engines import HFEngine, SamplingSettings
+
+    engine = _BF16_ENGINES.setdefault(id(model), HFEngine(model, eos_token_id=eos, pad_token_id=pad,
+                                                          device=torch.device(device), dtype=torch.bfloat16))
+    engine.sync(model)  # the copy is refreshed (cast) from the float32 weights, included in the time
     generation = engine.generate(prompts, G, SamplingSettings(max_new_tokens=max_new_tokens), list(range(len(prompts))))
     return int(generation.completion_mask.sum())
 
@@ -100,12 +115,14 @@ def main() -> None:
         for P in args.prompt_lengths:
             prompts = torch.randint(0, V - 2, (args.prompts, P), generator=gen).tolist()
             base = None
-            for name, fn in (("plain generate", plain_generate), ("sapo-rl", sapo_generate)):
+            for name, fn in (("plain generate", plain_generate), ("sapo-rl", sapo_generate),
+                             ("sapo-rl bf16", sapo_generate_bf16)):
                 tokens, seconds = timed(fn, args.repeats, args.device, model, prompts, args.num_generations,
                                         args.max_new_tokens, eos, pad, args.device)
                 rate = tokens / seconds
                 base = base or rate
                 print(f"{P:>10} {name:<16} {tokens:>7} {seconds:>8.2f} {rate:>9.0f} {rate / base:>8.2f}x", flush=True)
+    print("\nspeed-up: tokens/s over plain generate's; sapo-rl bf16 / sapo-rl is the low-precision engine's gain")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_rollout_benchmark_runs_on_a_small_setting():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("8 ")]
-    assert len(rows) == 2 and all(float(r[-1].rstrip("x")) > 0 for r in rows)
+    assert len(rows) == 3 and all(float(r[-1].rstrip("x")) > 0 for r in rows)  # generate, sapo-rl, bf16
 
 
 def test_update_profile_runs():

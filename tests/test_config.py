@@ -68,6 +68,13 @@ def valid(tmp_path, **kw):
     (dict(max_tokens_per_micro_batch=100, max_prompt_length=64, max_completion_length=64),
      r"max_tokens_per_micro_batch=100 must hold the longest sample, max_prompt_length \+ max_completion_length = 128"),
     (dict(max_tokens_per_micro_batch=-1), r"max_tokens_per_micro_batch=-1 must be >= 0"),
+    (dict(rollout_engine="vllm"), r"rollout_engine='vllm': the vLLM engine is not built yet"),
+    (dict(rollout_engine="sglang"), r"rollout_engine='sglang' is not one of \['hf'\]"),
+    (dict(rollout_dtype="float16"), r"rollout_dtype='float16' is not one of \['float32', 'bfloat16'\]"),
+    (dict(vllm_importance_sampling_mode="tis"), r"vllm_importance_sampling_mode='tis' is not one of"),
+    (dict(vllm_importance_sampling_clip_max=0.0), r"vllm_importance_sampling_clip_max=0.0 must be a positive number"),
+    (dict(vllm_importance_sampling_clip_min=4.0), r"vllm_importance_sampling_clip_min=4.0 must be below .*=3.0"),
+    (dict(rollout_dtype="bfloat16", fsdp=True), r"rollout_dtype='bfloat16' is not supported with fsdp=true yet"),
 ])
 def test_validate_names_the_field_and_fix(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from .algorithms import SCALES, available_aggregations, available_policy_losses, check_settings
+from .algorithms.mismatch import MODES as IS_MODES
 from .errors import ConfigError
 from .trl_names import TRL_FIELDS, TRL_LOSS_TYPES, from_trl
 
@@ -118,6 +119,27 @@ class TrainConfig:
     """Sampling temperature; log-probabilities are computed at the same temperature."""
     top_p: float = 1.0
     """Nucleus sampling mass (1.0: off)."""
+
+    # --- rollout engine (docs/engines.md) ---
+    rollout_engine: str = "hf"
+    """What samples the rollouts: "hf", the training model itself through sapo-rl's sampler (or
+    a low-precision copy of it, `rollout_dtype`). An inference engine (vLLM) is not built yet."""
+    rollout_dtype: str = "float32"
+    """Weights the hf engine samples with: "float32" (the policy itself) or "bfloat16" (a copy
+    refreshed from the policy before every rollout; the update stays float32). A bfloat16 copy
+    samples from a slightly different distribution than the trainer's: pi_old then comes from a
+    forward pass, and the importance sampling correction is on by default."""
+    vllm_importance_sampling_correction: bool | None = None
+    """Weight each token's objective by pi_old / pi_rollout (TRL's name): the trainer's
+    log-probability of a sampled token over the rollout engine's. None: on where the engine is
+    not the training forward (rollout_dtype=bfloat16), off where it is."""
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    """"token_truncate" (TIS), "token_mask", "sequence_truncate" or "sequence_mask" (MIS):
+    per-token or per-sequence ratios, truncated to or masked outside the clip bounds."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """C_max: truncated modes cap the ratio at it; mask modes zero ratios above it (None: no bound)."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """C_min: truncated modes raise ratios below it to it; mask modes zero ratios below it (None: no bound)."""
 
     # --- policy update ---
     num_minibatches: int = 4
@@ -350,6 +372,7 @@ class TrainConfig:
         _choice("optim", self.optim, OPTIMIZERS)
         _choice("param_dtype", self.param_dtype, PARAM_DTYPES)
         self._check_scaling()
+        self._check_rollout_engine()
         _choice("dataset_format", self.dataset_format, ("trl", "gsm8k", "math"))
         for reporter in self.report_to:
             _choice("report_to", reporter, REPORTERS)
@@ -391,6 +414,24 @@ class TrainConfig:
         _require(self.dtype != "float16" or torch.cuda.is_available(), "dtype", self.dtype,
                  "needs a CUDA GPU (there is no float16 autocast on the CPU); use bfloat16 or float32")
         return self
+
+    def _check_rollout_engine(self) -> None:
+        if self.rollout_engine == "vllm":
+            raise ConfigError("rollout_engine='vllm': the vLLM engine is not built yet (docs/engines.md); use "
+                              "rollout_engine=hf, with rollout_dtype=bfloat16 for low-precision rollouts")
+        _choice("rollout_engine", self.rollout_engine, ("hf",))
+        _choice("rollout_dtype", self.rollout_dtype, PARAM_DTYPES)
+        _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IS_MODES)
+        high, low = self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min
+        _require(high is None or 0 < high < math.inf, "vllm_importance_sampling_clip_max", high,
+                 "must be a positive number (or null: no upper bound)")
+        _require(low is None or 0 <= low < math.inf, "vllm_importance_sampling_clip_min", low,
+                 "must be a number >= 0 (or null: no lower bound)")
+        _require(low is None or high is None or low < high, "vllm_importance_sampling_clip_min", low,
+                 f"must be below vllm_importance_sampling_clip_max={high}")
+        _require(self.rollout_dtype == "float32" or not self.fsdp, "rollout_dtype", self.rollout_dtype,
+                 "is not supported with fsdp=true yet (the copy would hold the whole model on every process); "
+                 "use rollout_dtype=float32")
 
     def _check_scaling(self) -> None:
         longest = self.max_prompt_length + self.max_completion_length

@@ -137,6 +137,8 @@ def test_masks_stop_after_eos_and_truncation_is_flagged():
     model.config.tie_word_embeddings = False
     out = generate(model, tok, ["1+1=", "22+3="], seeds=[1, 2])
     assert out.completion_ids.shape[0] == 6
+    assert out.finish_reasons == ["length" if t else "stop" for t in out.truncated.tolist()]
+    assert out.routed_experts is None  # a dense model, and an engine that does not report routing
     for ids, mask, trunc in zip(out.completion_ids, out.completion_mask, out.truncated):
         n = int(mask.sum())
         assert (mask[:n] == 1).all() and (mask[n:] == 0).all()

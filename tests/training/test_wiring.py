@@ -188,3 +188,20 @@ def test_each_view_holds_its_config_fields(base_config, bit):
 def test_pi_old_is_needed_once_the_policy_can_move_before_a_minibatch(base_config, minibatches, iterations):
     cfg = sapo.TrainConfig(**{**base_config, "num_minibatches": minibatches, "num_iterations": iterations})
     assert RunSettings.from_config(cfg).rollout.needs_old_logprobs == (minibatches * iterations > 1)
+
+
+def test_the_correction_is_on_exactly_where_the_engine_is_not_the_training_forward(base_config):
+    from sapo.algorithms.mismatch import CorrectionSettings
+
+    knobs = dict(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.71,
+                 vllm_importance_sampling_clip_max=2.9)
+    views = RunSettings.from_config(sapo.TrainConfig(**base_config, rollout_dtype="bfloat16", **knobs))
+    assert views.update.correction == CorrectionSettings("token_mask", 0.71, 2.9) and views.update.track_mismatch
+    assert views.rollout.dtype == "bfloat16" and not views.rollout.use_rollout_logprobs  # pi_old: a forward pass
+    off = RunSettings.from_config(sapo.TrainConfig(**base_config, rollout_dtype="bfloat16", **knobs,
+                                                   vllm_importance_sampling_correction=False))
+    assert off.update.correction is None and off.update.track_mismatch  # measured, not applied
+    exact = RunSettings.from_config(sapo.TrainConfig(**base_config, **knobs))
+    assert exact.update.correction is None and not exact.update.track_mismatch and exact.rollout.use_rollout_logprobs
+    forced = RunSettings.from_config(sapo.TrainConfig(**base_config, **knobs, vllm_importance_sampling_correction=True))
+    assert forced.update.correction == CorrectionSettings("token_mask", 0.71, 2.9)

@@ -39,6 +39,14 @@ class Generation:
     logprobs: Tensor | None = None
     """(B, T) float32 log pi / temperature of each drawn token as the engine computed it (without
     top-p), 0 at padding; None where the engine has none (greedy decoding, a fallback path)."""
+    routed_experts: Tensor | None = None
+    """(B, T, layers, k) the experts a mixture-of-experts engine routed each drawn token to, for
+    routing replay; None where the engine does not report them (the hf engine today)."""
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        """vLLM's finish reason of each completion: "length" (truncated) or "stop" (EOS)."""
+        return ["length" if t else "stop" for t in self.truncated.tolist()]
 
 
 class RolloutEngine(Protocol):

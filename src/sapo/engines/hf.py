@@ -19,6 +19,7 @@ with `synced_gpus`.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -31,19 +32,33 @@ from .base import Generation, SamplingSettings
 
 
 class HFEngine:
-    """Generates with `model` in eval mode, under whatever autocast the caller set; `sync` points
-    it at the policy (the same module the trainer updates, so there is nothing to copy)."""
+    """Generates with `model` in eval mode, under whatever autocast the caller set. `sync` points
+    it at the policy (the same module the trainer updates, so there is nothing to copy), or, with
+    `dtype`, refreshes a copy of the policy in that dtype (rollout_dtype=bfloat16): sampling then
+    runs on low-precision weights while the update keeps its float32 ones, a train/inference
+    mismatch of the kind an inference engine has."""
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, device: torch.device,
-                 shared_prefill: bool = True, lockstep: bool = False) -> None:
+                 shared_prefill: bool = True, lockstep: bool = False, dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.device = device
         self.shared_prefill = shared_prefill
         self.lockstep = lockstep
+        self.dtype = dtype
+        self._copy = None
 
     def sync(self, model) -> None:
-        self.model = model
+        if self.dtype is None:
+            self.model = model
+            return
+        with torch.no_grad():
+            if self._copy is None:
+                self._copy = copy.deepcopy(model).to(self.dtype).requires_grad_(False)
+            else:
+                for dst, src in zip(self._copy.state_dict().values(), model.state_dict().values()):
+                    dst.copy_(src)  # cast to the copy's dtype
+        self.model = self._copy
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], group_size: int, sampling: SamplingSettings,

@@ -33,6 +33,8 @@ class RolloutSettings:
     seed: int
     """The run's seed: each group samples under a seed derived from it, the step and the group's
     position in the step's global batch."""
+    dtype: str = "float32"
+    """Weights the hf engine samples with (rollout_dtype)."""
 
 
 @dataclass
@@ -110,8 +112,9 @@ def sample(engine: RolloutEngine, prompts: PromptSet, rows: list[int], settings:
 
 def behaviour_logprobs(policy, rollout: Rollout, settings: RolloutSettings) -> Tensor | None:
     """pi_old for the update: None when it cannot differ from the update's own log-probabilities
-    (one minibatch, one pass), else the engine's (use_rollout_logprobs; the same model and
-    weights in eval mode: only batching and KV-cache numerics differ), else a forward pass."""
+    (one minibatch, one pass), else the engine's (use_rollout_logprobs, and only where the engine
+    is the training forward: the same model and weights in eval mode, where only batching and
+    KV-cache numerics differ), else a forward pass."""
     if not settings.needs_old_logprobs:
         return None
     if settings.use_rollout_logprobs and rollout.sampling_logprobs is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..algorithms import LossSettings
+from ..algorithms.mismatch import CorrectionSettings
 from ..config import TrainConfig
 from ..engines import SamplingSettings
 from ..model.logprobs import ForwardSettings
@@ -38,19 +39,28 @@ class RunSettings:
                             epsilon_high=cfg.epsilon_high, beta=cfg.beta, aggregation=cfg.aggregation,
                             max_tokens=cfg.max_completion_length)
         weights = None if cfg.reward_weights is None else tuple(cfg.reward_weights)
+        # The engine is the training forward only when it samples with the float32 policy itself.
+        exact_engine = cfg.rollout_engine == "hf" and cfg.rollout_dtype == "float32"
+        correct = (not exact_engine) if cfg.vllm_importance_sampling_correction is None \
+            else cfg.vllm_importance_sampling_correction
+        correction = CorrectionSettings(mode=cfg.vllm_importance_sampling_mode,
+                                        clip_min=cfg.vllm_importance_sampling_clip_min,
+                                        clip_max=cfg.vllm_importance_sampling_clip_max) if correct else None
         return cls(
             model=ModelSettings(fsdp=cfg.fsdp, param_dtype=cfg.param_dtype, cpu_offload=cfg.cpu_offload,
                                 gradient_checkpointing=cfg.gradient_checkpointing),
             rollout=RolloutSettings(group_size=cfg.num_generations, sampling=sampling, forward=forward,
                                     needs_old_logprobs=cfg.num_minibatches > 1 or cfg.num_iterations > 1,
-                                    use_rollout_logprobs=cfg.use_rollout_logprobs, seed=cfg.seed),
+                                    use_rollout_logprobs=cfg.use_rollout_logprobs and exact_engine, seed=cfg.seed,
+                                    dtype=cfg.rollout_dtype),
             rewards=RewardSettings(weights=weights, skip_errors=cfg.skip_reward_errors),
             advantage=AdvantageSettings(group_size=cfg.num_generations, scale=cfg.scale_rewards),
             update=UpdateSettings(group_size=cfg.num_generations, num_minibatches=cfg.num_minibatches,
                                   num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm,
                                   max_nonfinite_steps=cfg.max_nonfinite_steps,
                                   mask_truncated_completions=cfg.mask_truncated_completions, seed=cfg.seed,
-                                  learning_rate=cfg.learning_rate, loss=loss, forward=forward),
+                                  learning_rate=cfg.learning_rate, loss=loss, forward=forward, correction=correction,
+                                  track_mismatch=correction is not None or not exact_engine),
             evaluation=EvalSettings(samples=cfg.eval_num_generations, greedy=cfg.eval_greedy, sampling=sampling,
                                     rewards=RewardSettings(weights=weights, skip_errors=True), seed=cfg.seed),
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,8 +109,15 @@ class Trainer:
         if not config.fsdp:  # a sharded model is FSDP's already: accelerate would wrap it in DDP
             model, optimizer = self.acc.prepare(model, optimizer)
         self.state = PolicyState(model, optimizer, scheduler, self.acc)
+        sampled_in = self.settings.rollout.dtype
+        rollout_dtype = None if sampled_in == "float32" else getattr(torch, sampled_in)
         self.engine = HFEngine(self.acc.unwrap_model(model), eos_token_id=self.tokenizer.eos_token_id,
-                               pad_token_id=self.tokenizer.pad_token_id, device=self.acc.device, lockstep=config.fsdp)
+                               pad_token_id=self.tokenizer.pad_token_id, device=self.acc.device, lockstep=config.fsdp,
+                               dtype=rollout_dtype)
+        if config.vllm_importance_sampling_correction and config.rollout_dtype == "float32":
+            warnings.warn("vllm_importance_sampling_correction=true with rollout_engine=hf and rollout_dtype=float32: "
+                          "the engine is the training forward, so there is nothing to correct (the weights are 1 up to "
+                          "rounding)", stacklevel=2)
 
         self.start_step, self.wall_seconds_before, self._started = 0, 0.0, time.perf_counter()
         if self.resume_path is not None:

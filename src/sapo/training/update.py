@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms import LossSettings, aggregation_denominator, policy_loss
+from ..algorithms.mismatch import CorrectionSettings, importance_weights
 from ..algorithms.policy_loss import unmasked_nonfinite
 from ..data import derive_seed
 from ..errors import NonFiniteUpdateError
@@ -48,6 +49,11 @@ class UpdateSettings:
     """Everything `policy_loss` takes besides the tensors."""
     forward: ForwardSettings
     """How the policy scores the completions (temperature, micro-batch size, chunks, rows)."""
+    correction: CorrectionSettings | None = None
+    """Weight each token by pi_old / pi_rollout (algorithms/mismatch.py); None: no weights."""
+    track_mismatch: bool = False
+    """Log the mismatch between the engine's log-probabilities and pi_old (an engine other than
+    the training forward)."""
 
 
 @dataclass
@@ -186,8 +192,11 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
                     bad_inputs += sum(unmasked_nonfinite(mask != 0, logprobs=logp_BT.detach(), old_logprobs=old_BT,
                                                          advantages=advantages_B[idx].unsqueeze(-1).expand_as(logp_BT),
                                                          ref_logprobs=part.ref_logprobs).values())
+                    weights_BT, mismatch = _mismatch(settings, old_BT, part.sampling_logprobs, mask)
                     out = policy_loss(logp_BT, old_BT, advantages_B[idx], mask, **settings.loss.kwargs(),
-                                      ref_logprobs=part.ref_logprobs, denominator=denominator, check_finite=False)
+                                      ref_logprobs=part.ref_logprobs, importance_weights=weights_BT,
+                                      denominator=denominator, check_finite=False)
+                    out.metrics.update(mismatch)
                     accelerator.backward(out.loss)
                 tokens = float(mask.sum())
                 if k > 0 or iteration > 0:
@@ -246,6 +255,19 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
     off_policy.reduce(accelerator)
     metrics.update(off_policy.metrics())
     return UpdateResult(metrics, off_policy)
+
+
+def _mismatch(settings: UpdateSettings, old_BT: Tensor, rollout_BT: Tensor | None,
+              mask: Tensor) -> tuple[Tensor | None, dict[str, float]]:
+    """The importance weights (None: no correction) and the mismatch metrics of a micro-batch.
+    Without the engine's log-probabilities (greedy or fallback sampling) there is nothing to
+    weight by."""
+    if rollout_BT is None or not (settings.track_mismatch or settings.correction):
+        return None, {}
+    weights_BT, metrics = importance_weights(old_BT, rollout_BT, mask, settings.correction or CorrectionSettings())
+    if settings.correction is None:  # tracked, not applied
+        return None, {"rollout/mismatch_kl": metrics["rollout/mismatch_kl"]}
+    return weights_BT, metrics
 
 
 def _clip_and_check(accelerator, model, max_grad_norm: float, bad_inputs: Tensor, loss: float) -> tuple[float, bool]:
