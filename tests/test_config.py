@@ -73,6 +73,7 @@ def valid(tmp_path, **kw):
     (dict(rollout_dtype="float16"), r"rollout_dtype='float16' is not one of \['float32', 'bfloat16'\]"),
     (dict(vllm_importance_sampling_mode="tis"), r"vllm_importance_sampling_mode='tis' is not one of"),
     (dict(vllm_importance_sampling_clip_max=0.0), r"vllm_importance_sampling_clip_max=0.0 must be a positive number"),
+    (dict(vllm_importance_sampling_clip_max=None), r"vllm_importance_sampling_clip_max=None must be a positive number"),
     (dict(vllm_importance_sampling_clip_min=4.0), r"vllm_importance_sampling_clip_min=4.0 must be below .*=3.0"),
     (dict(rollout_dtype="bfloat16", fsdp=True), r"rollout_dtype='bfloat16' is not supported with fsdp=true yet"),
 ])

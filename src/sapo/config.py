@@ -137,7 +137,7 @@ class TrainConfig:
     """"token_truncate" (TIS), "token_mask", "sequence_truncate" or "sequence_mask" (MIS):
     per-token or per-sequence ratios, truncated to or masked outside the clip bounds."""
     vllm_importance_sampling_clip_max: float | None = 3.0
-    """C_max: truncated modes cap the ratio at it; mask modes zero ratios above it (None: no bound)."""
+    """C_max: truncated modes cap the ratio at it; mask modes zero ratios above it (a positive number)."""
     vllm_importance_sampling_clip_min: float | None = None
     """C_min: truncated modes raise ratios below it to it; mask modes zero ratios below it (None: no bound)."""
 
@@ -423,8 +423,8 @@ class TrainConfig:
         _choice("rollout_dtype", self.rollout_dtype, PARAM_DTYPES)
         _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IS_MODES)
         high, low = self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min
-        _require(high is None or 0 < high < math.inf, "vllm_importance_sampling_clip_max", high,
-                 "must be a positive number (or null: no upper bound)")
+        _require(high is not None and 0 < high < math.inf, "vllm_importance_sampling_clip_max", high,
+                 "must be a positive number: an unbounded weight of a far off sequence would swamp the step")
         _require(low is None or 0 <= low < math.inf, "vllm_importance_sampling_clip_min", low,
                  "must be a number >= 0 (or null: no lower bound)")
         _require(low is None or high is None or low < high, "vllm_importance_sampling_clip_min", low,

@@ -66,3 +66,13 @@ def test_a_huge_sequence_ratio_is_masked_or_capped_without_overflow():
 def test_an_unknown_mode_is_named():
     with pytest.raises(ValueError, match="'tis' is not one of"):
         importance_weights(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), CorrectionSettings("tis"))
+
+
+def test_padding_may_hold_anything_and_no_bound_still_gives_finite_weights():
+    old = torch.tensor([[0.0, -1.0, float("nan")], [0.0, 0.0, float("-inf")]])
+    rollout = torch.tensor([[-60.0, -60.0, float("inf")], [-1.0, -2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    for mode in MODES:
+        weights, metrics = importance_weights(old, rollout, mask, CorrectionSettings(mode, None, None))
+        assert torch.isfinite(weights).all() and weights[:, 2].eq(0).all(), mode
+        assert all(math.isfinite(v) for v in metrics.values()), (mode, metrics)

@@ -182,3 +182,25 @@ def test_temperature_zero_is_greedy():
     ids = tok("7+8=", add_special_tokens=False, return_tensors="pt")["input_ids"]
     step = model(ids).logits[0, -1].argmax()
     assert a.completion_ids[0, 0] == step
+
+
+def test_a_low_precision_copy_follows_the_policy_at_every_sync():
+    from sapo.engines import HFEngine
+
+    tok = char_tokenizer()
+    policy = tiny_causal_lm(tok, hidden_size=32)
+    engine = HFEngine(policy, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      device=torch.device("cpu"), dtype=torch.bfloat16)
+    for change in (0.0, 0.25):
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(change)
+        engine.sync(policy)
+        copy = engine.model
+        assert copy is not policy
+        own = dict(copy.named_parameters())
+        assert all(torch.equal(own[k], p.detach().to(torch.bfloat16)) for k, p in policy.named_parameters())
+        # buffers keep their dtype: a bfloat16 model keeps its rotary frequencies in float32
+        assert all(b.dtype == dict(policy.named_buffers())[k].dtype for k, b in copy.named_buffers())
+        assert copy.lm_head.weight is copy.model.embed_tokens.weight  # still tied
+    assert all(p.dtype == torch.float32 for p in policy.parameters())

@@ -31,36 +31,40 @@ class CorrectionSettings:
     """C_max: truncated modes cap weights at it, mask modes zero weights above it (None: no bound)."""
 
 
+# Largest log-weight kept before exp: a weight of e^80 (1e34) stays finite in float32, so an
+# extreme sequence can never give inf (and inf * 0 = NaN at a masked position).
+MAX_LOG_WEIGHT = 80.0
+
+
 def importance_weights(old_logp_BT: Tensor, rollout_logp_BT: Tensor, mask_BT: Tensor,
                        settings: CorrectionSettings) -> tuple[Tensor, dict[str, float]]:
     """(B, T) float32 weights rho for `policy_loss(importance_weights=...)`, 0 at padding, and
     the step's metrics over the unmasked tokens: `rollout/mismatch_kl` (k3 estimate of
     KL(pi_rollout || pi_old) = E[rho - 1 - log rho] under pi_rollout), `rollout/is_weight_mean`
     and `rollout/is_weight_max` (of the weights applied) and `rollout/is_masked_frac` (tokens
-    whose weight a mask mode set to 0)."""
+    whose weight a mask mode set to 0). Masked positions may hold anything, even inf or NaN."""
     if settings.mode not in MODES:
         raise ValueError(f"importance sampling mode {settings.mode!r} is not one of {list(MODES)}")
     valid_BT = mask_BT != 0
     m_BT = valid_BT.to(torch.float32)
-    log_rho_BT = (old_logp_BT.float() - rollout_logp_BT.float()) * m_BT
+    token_log_rho_BT = torch.where(valid_BT, old_logp_BT.float() - rollout_logp_BT.float(), 0.0)
+    log_rho_BT = token_log_rho_BT
     if settings.mode.startswith("sequence"):
         # One ratio per sequence: the product of its tokens' ratios, applied to each of them.
         log_rho_BT = log_rho_BT.sum(-1, keepdim=True).expand_as(log_rho_BT)
     low = math.log(settings.clip_min) if settings.clip_min else -math.inf
     high = math.inf if settings.clip_max is None else math.log(settings.clip_max)
     if settings.mode.endswith("truncate"):
-        rho_BT = log_rho_BT.clamp(min=low, max=high).exp()
+        rho_BT = log_rho_BT.clamp(min=low, max=high).clamp(max=MAX_LOG_WEIGHT).exp()
         masked_BT = torch.zeros_like(valid_BT)
     else:
         masked_BT = ((log_rho_BT < low) | (log_rho_BT > high)) & valid_BT
-        # Clamped before exp so that a masked sequence's huge ratio cannot overflow to inf * 0.
-        rho_BT = torch.where(masked_BT, 0.0, log_rho_BT.clamp(max=high).exp())
-    rho_BT = rho_BT * m_BT
-    token_log_rho_BT = (old_logp_BT.float() - rollout_logp_BT.float()) * m_BT
+        rho_BT = torch.where(masked_BT, 0.0, log_rho_BT.clamp(max=min(high, MAX_LOG_WEIGHT)).exp())
+    rho_BT = torch.where(valid_BT, rho_BT, 0.0)
     n = m_BT.sum().clamp(min=1.0)
-    k3_BT = torch.expm1(token_log_rho_BT) - token_log_rho_BT
+    bounded_BT = token_log_rho_BT.clamp(-MAX_LOG_WEIGHT, MAX_LOG_WEIGHT)  # a finite metric for any input
+    k3_BT = torch.expm1(bounded_BT) - bounded_BT
     metrics = torch.stack([(k3_BT * m_BT).sum() / n, (rho_BT * m_BT).sum() / n,
-                           rho_BT.masked_fill(~valid_BT, -math.inf).max() if valid_BT.any() else rho_BT.new_zeros(()),
-                           masked_BT.float().sum() / n]).tolist()
+                           rho_BT.masked_fill(~valid_BT, 0.0).amax(), masked_BT.float().sum() / n]).tolist()
     names = ("rollout/mismatch_kl", "rollout/is_weight_mean", "rollout/is_weight_max", "rollout/is_masked_frac")
     return rho_BT, dict(zip(names, metrics))

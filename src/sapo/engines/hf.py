@@ -54,10 +54,16 @@ class HFEngine:
             return
         with torch.no_grad():
             if self._copy is None:
-                self._copy = copy.deepcopy(model).to(self.dtype).requires_grad_(False)
+                # Parameters straight into the copy's dtype (no second float32 model, even for a
+                # moment; tied ones stay tied); buffers keep theirs, as a model loaded in bfloat16
+                # keeps its rotary frequencies in float32.
+                memo = {id(p): torch.nn.Parameter(p.detach().to(self.dtype), requires_grad=False)
+                        for p in model.parameters()}
+                self._copy = copy.deepcopy(model, memo)
             else:
-                for dst, src in zip(self._copy.state_dict().values(), model.state_dict().values()):
-                    dst.copy_(src)  # cast to the copy's dtype
+                own = self._copy.state_dict()
+                for name, value in model.state_dict().items():
+                    own[name].copy_(value)  # cast into the copy's dtype
         self.model = self._copy
 
     @torch.no_grad()

@@ -189,10 +189,12 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
                     # policy_loss's own check would raise on this process alone and leave the others
                     # waiting in the gradient all-reduce; the step is skipped everywhere instead.
                     # An inf log-prob is clamped to a finite loss, so the loss alone would not show it.
+                    weights_BT, mismatch = _mismatch(settings, old_BT, part.sampling_logprobs, mask)
                     bad_inputs += sum(unmasked_nonfinite(mask != 0, logprobs=logp_BT.detach(), old_logprobs=old_BT,
                                                          advantages=advantages_B[idx].unsqueeze(-1).expand_as(logp_BT),
-                                                         ref_logprobs=part.ref_logprobs).values())
-                    weights_BT, mismatch = _mismatch(settings, old_BT, part.sampling_logprobs, mask)
+                                                         ref_logprobs=part.ref_logprobs,
+                                                         rollout_logprobs=None if weights_BT is None
+                                                         else part.sampling_logprobs).values())
                     out = policy_loss(logp_BT, old_BT, advantages_B[idx], mask, **settings.loss.kwargs(),
                                       ref_logprobs=part.ref_logprobs, importance_weights=weights_BT,
                                       denominator=denominator, check_finite=False)
