@@ -101,20 +101,28 @@ def test_train_without_a_config_runs_the_demo(tmp_path):
     assert "run summary" in result.stdout
 
 
-def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
+def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- a: 1\n- b: 2\n")
     (tmp_path / "broken.yaml").write_text("loss_type: [sapo\n")
     (tmp_path / "latin1.yaml").write_bytes("loss_type: sapo # caf\xe9\n".encode("latin-1"))
-    for name, message in (("list.yaml", "expected a mapping"), ("broken.yaml", "is not valid YAML"),
-                          ("latin1.yaml", "is not UTF-8 text")):
-        result = sapo_train(str(tmp_path / name))
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    # One real process (the exit status and stderr as a shell sees them); the rest in this one, through main().
+    result = sapo_train(str(tmp_path / "list.yaml"))
+    assert result.returncode == 2 and "expected a mapping" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+    def cli(*args: str) -> str:
+        capsys.readouterr()
+        assert main(list(args)) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    for name, message in (("broken.yaml", "is not valid YAML"), ("latin1.yaml", "is not UTF-8 text")):
+        assert message in cli("train", str(tmp_path / name))
     from sapo.demo import shipped_model_path
 
-    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--samples", "0"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "--samples must be at least 1" in result.stderr
+    model = str(shipped_model_path())
+    assert "--samples must be at least 1" in cli("eval", model, "--samples", "0")
     for args, message in ((["--max-num-seqs", "-1"], "--max-num-seqs must be 0"),
                           (["--temperature", "-1"], "--temperature must be positive"),
                           (["--problems", "-5"], "--problems must be positive"),
@@ -122,22 +130,15 @@ def test_bad_yaml_and_bad_eval_arguments_are_clear_errors(tmp_path):
                           (["--device", "gpu"], "is not a torch device"),
                           (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--samples", "0"],
                            "no CUDA device" if not torch.cuda.is_available() else "--samples must be")):
-        result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), *args],
-                                capture_output=True, text=True)
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
-    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(tmp_path / "nope")],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "no such local model directory" in result.stderr
+        assert message in cli("eval", model, *args), args
+    assert "no such local model directory" in cli("eval", str(tmp_path / "nope"))
     run = tmp_path / "run"
     (run / "checkpoint-2").mkdir(parents=True)
     (run / "checkpoint-10").mkdir()
-    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(run)], capture_output=True, text=True)
-    assert result.returncode == 2 and f"not a model directory (no config.json); it looks like a training run: " \
-        f"evaluate one of its checkpoints, e.g. {run / 'checkpoint-10'}" in result.stderr, result.stderr
-    result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--task", "mine.jsonl"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "--task 'mine.jsonl' is not a built-in task" in result.stderr
-    assert "eval_dataset=<file>" in result.stderr
+    assert f"not a model directory (no config.json); it looks like a training run: evaluate one of its " \
+        f"checkpoints, e.g. {run / 'checkpoint-10'}" in cli("eval", str(run))
+    err = cli("eval", model, "--task", "mine.jsonl")
+    assert "--task 'mine.jsonl' is not a built-in task" in err and "eval_dataset=<file>" in err
 
 
 def test_eval_results_do_not_depend_on_max_num_seqs(tmp_path):
