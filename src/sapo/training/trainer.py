@@ -29,7 +29,7 @@ from ..model.loading import (
     mixed_precision,
 )
 from ..model.logprobs import settle_padding_free
-from ..model.sharding import enable_gradient_checkpointing, load_sharded
+from ..model.sharding import PARAM_DTYPES, enable_gradient_checkpointing, load_sharded
 from ..rewards import check_signature, load_reward_function
 from . import evaluation
 from .checkpoint import load_training_state, print_note, resolve_resume, restore_rng_state, save_checkpoint
@@ -109,8 +109,7 @@ class Trainer:
         if not config.fsdp:  # a sharded model is FSDP's already: accelerate would wrap it in DDP
             model, optimizer = self.acc.prepare(model, optimizer)
         self.state = PolicyState(model, optimizer, scheduler, self.acc)
-        sampled_in = self.settings.rollout.dtype
-        rollout_dtype = None if sampled_in == "float32" else getattr(torch, sampled_in)
+        rollout_dtype = None if self.settings.rollout.dtype == "float32" else PARAM_DTYPES[self.settings.rollout.dtype]
         self.engine = HFEngine(self.acc.unwrap_model(model), eos_token_id=self.tokenizer.eos_token_id,
                                pad_token_id=self.tokenizer.pad_token_id, device=self.acc.device, lockstep=config.fsdp,
                                dtype=rollout_dtype)
