@@ -6,6 +6,9 @@ import torch
 
 import sapo
 from sapo.cli import main
+from sapo.demo import shipped_model_path
+
+SHIPPED = shipped_model_path()
 
 
 def test_help_and_version(capsys):
@@ -258,3 +261,26 @@ def test_export_writes_a_model_directory_and_refuses_what_it_cannot(base_config,
     err = capsys.readouterr().err
     assert "scheduler.pt has 7 bytes" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "other").exists()
+
+
+def test_vllm_serve_prints_the_flags_the_client_needs(capsys):
+    import shlex
+
+    assert main(["vllm-serve", str(SHIPPED), "--port", "8123", "--max-model-len", "4096"]) == 0
+    line = capsys.readouterr().out.strip()
+    env, argv = line.split(" ", 1)
+    assert env == "VLLM_SERVER_DEV_MODE=1"
+    argv = shlex.split(argv)
+    assert argv[:3] == ["vllm", "serve", str(SHIPPED.resolve())]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert flags["--port"] == "8123" and flags["--max-model-len"] == "4096" and flags["--host"] == "127.0.0.1"
+    assert flags["--logprobs-mode"] == "processed_logprobs" and flags["--generation-config"] == "vllm"
+    assert json.loads(flags["--weight-transfer-config"]) == {"backend": "disk"}
+
+
+def test_vllm_serve_refuses_what_it_cannot_do(tmp_path, capsys, monkeypatch):
+    assert main(["vllm-serve", str(tmp_path)]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path))  # no vllm on it
+    assert main(["vllm-serve", str(SHIPPED), "--run"]) == 2
+    assert "vllm is not installed here" in capsys.readouterr().err

@@ -68,8 +68,15 @@ def valid(tmp_path, **kw):
     (dict(max_tokens_per_micro_batch=100, max_prompt_length=64, max_completion_length=64),
      r"max_tokens_per_micro_batch=100 must hold the longest sample, max_prompt_length \+ max_completion_length = 128"),
     (dict(max_tokens_per_micro_batch=-1), r"max_tokens_per_micro_batch=-1 must be >= 0"),
-    (dict(rollout_engine="vllm"), r"rollout_engine='vllm': the vLLM engine is not built yet"),
-    (dict(rollout_engine="sglang"), r"rollout_engine='sglang' is not one of \['hf'\]"),
+    (dict(vllm_mode="remote"), r"vllm_mode='remote' is not one of"),
+    (dict(rollout_engine="vllm", rollout_dtype="bfloat16"), r"rollout_dtype='bfloat16' applies to rollout_engine=hf"),
+    (dict(vllm_server_base_url="localhost:8000"), r"vllm_server_base_url='localhost:8000' must be an http://"),
+    (dict(vllm_server_timeout=0), r"vllm_server_timeout=0.0 must be a positive number"),
+    (dict(vllm_gpu_memory_utilization=1.5), r"vllm_gpu_memory_utilization=1.5 must be in \(0, 1\]"),
+    (dict(vllm_tensor_parallel_size=0), r"vllm_tensor_parallel_size=0 must be >= 1"),
+    (dict(rollout_engine="vllm", vllm_mode="colocate", vllm_tensor_parallel_size=2),
+     r"vllm_tensor_parallel_size=2 above 1 with vllm_mode=colocate is not built yet"),
+    (dict(rollout_engine="sglang"), r"rollout_engine='sglang' is not one of \['hf', 'vllm'\]"),
     (dict(rollout_dtype="float16"), r"rollout_dtype='float16' is not one of \['float32', 'bfloat16'\]"),
     (dict(vllm_importance_sampling_mode="tis"), r"vllm_importance_sampling_mode='tis' is not one of"),
     (dict(vllm_importance_sampling_clip_max=0.0), r"vllm_importance_sampling_clip_max=0.0 must be a positive number"),
@@ -154,6 +161,8 @@ def test_trl_names_point_to_ours():
         TrainConfig.from_dict({"steps_per_generation": 4})
     with pytest.raises(ConfigError, match=r"'sapo_temperature_neg' \(TRL's; here: tau_neg\)"):
         TrainConfig.from_dict({"sapo_temperature_neg": 1.05})
+    with pytest.raises(ConfigError, match=r"'use_vllm' \(TRL's; here: rollout_engine=vllm"):
+        TrainConfig.from_dict({"use_vllm": True})
 
 
 def test_trl_loss_types_that_are_aggregations_here(tmp_path):

@@ -32,7 +32,7 @@ def config_reference(markdown: bool = False) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .errors import ConfigError, RewardError
+    from .errors import ConfigError, EngineError, RewardError
 
     if args.help_config:
         print(config_reference(markdown=args.markdown))
@@ -42,7 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .training.trainer import Trainer
 
         Trainer(config).train()
-    except (ConfigError, RewardError) as err:
+    except (ConfigError, EngineError, RewardError) as err:
         print(f"sapo train: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -180,6 +180,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_vllm_serve(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    from pathlib import Path
+
+    from .engines.vllm_command import SERVER_ENV, serve_command, shell_line
+
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"sapo vllm-serve: error: {args.model!r} is not a model directory (no config.json): give the run's "
+              "model (or a checkpoint-<step> to resume from)", file=sys.stderr)
+        return 2
+    argv = serve_command(args.model, host=args.host, port=args.port, max_model_len=args.max_model_len,
+                         tensor_parallel_size=args.tensor_parallel_size,
+                         gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype)
+    if not args.run:
+        print(shell_line(argv))
+        print(f"# then train with: rollout_engine=vllm vllm_server_base_url=http://{args.host}:{args.port}",
+              file=sys.stderr)
+        return 0
+    if shutil.which("vllm") is None:
+        print("sapo vllm-serve: error: vllm is not installed here: pip install 'sapo-rl[vllm]' on the GPU machine "
+              "(or run the printed command where vLLM is)", file=sys.stderr)
+        return 2
+    os.execvpe("vllm", argv, {**os.environ, **SERVER_ENV})
+    return 0  # not reached
+
+
 def _load_config(items: list[str], *, fixed_by: dict[str, str] | None = None):
     """An optional leading CONFIG.yaml, then key=value overrides. When neither names a `model`
     or a `dataset`, they apply on top of the built-in demo setting (sapo.demo). `fixed_by` maps
@@ -213,7 +240,7 @@ RUN_FIELDS = {"seed": "--seeds", "output_dir": "--out (a directory per arm and s
 def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int:
     import shlex
 
-    from .errors import ConfigError, RewardError
+    from .errors import ConfigError, EngineError, RewardError
     from .experiments.report import build_report
     from .experiments.runs import run_all
 
@@ -229,7 +256,7 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
         report = build_report(dirs, args.out or default_out, threshold=args.threshold, title=f"sapo {args.command}",
                               command="sapo " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
                               log=lambda message: print(f"sapo {args.command}: {message}", file=sys.stderr))
-    except (ConfigError, RewardError) as err:
+    except (ConfigError, EngineError, RewardError) as err:
         print(f"sapo {args.command}: error: {err}", file=sys.stderr)
         return 2
     print(f"report: {report}")
@@ -348,6 +375,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="cast the weights (default: float32, as trained)")
     export.set_defaults(func=_cmd_export)
+
+    serve = sub.add_parser("vllm-serve", help="print (or run) the `vllm serve` command for rollout_engine=vllm",
+                           description="sapo vllm-serve MODEL: the `vllm serve` command, with the flags the "
+                           "trainer's vLLM client needs (dev-mode weight-update routes with the disk backend, "
+                           "processed log-probabilities, no generation_config defaults). Prints it; --run runs it.")
+    serve.add_argument("model", help="the run's model directory (the trainer checks the server serves it)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only; anyone "
+                       "who can reach the server can replace its weights)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="longest sequence: at least max_prompt_length + max_completion_length (default: the "
+                       "model's)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the server splits the model over")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="share of each GPU's memory vLLM takes (default: 0.9, a GPU of its own)")
+    serve.add_argument("--dtype", default="auto", help="weights' dtype on the server (default: auto, the model's)")
+    serve.add_argument("--run", action="store_true", help="run the command instead of printing it")
+    serve.set_defaults(func=_cmd_vllm_serve)
 
     tasks = sub.add_parser("tasks", help="list the built-in tasks with an example each")
     tasks.set_defaults(func=_cmd_tasks)

@@ -29,6 +29,8 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
+ROLLOUT_ENGINES = ("hf", "vllm")
+VLLM_MODES = ("server", "colocate")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 
 
@@ -123,12 +125,29 @@ class TrainConfig:
     # --- rollout engine (docs/engines.md) ---
     rollout_engine: str = "hf"
     """What samples the rollouts: "hf", the training model itself through sapo-rl's sampler (or
-    a low-precision copy of it, `rollout_dtype`). An inference engine (vLLM) is not built yet."""
+    a low-precision copy of it, `rollout_dtype`); "vllm", a vLLM server or a colocated vLLM
+    (`vllm_mode`, docs/engines.md), whose log-probabilities are corrected for (importance sampling)."""
     rollout_dtype: str = "float32"
     """Weights the hf engine samples with: "float32" (the policy itself) or "bfloat16" (a copy
     refreshed from the policy before every rollout; the update stays float32). A bfloat16 copy
     samples from a slightly different distribution than the trainer's: pi_old then comes from a
     forward pass, and the importance sampling correction is on by default."""
+    vllm_mode: str = "server"
+    """With rollout_engine=vllm: "server" (HTTP to a `vllm serve` process; `sapo vllm-serve MODEL`
+    prints its command) or "colocate" (vllm.LLM inside each training process, on its GPU)."""
+    vllm_server_base_url: str = "http://localhost:8000"
+    """vllm_mode=server: where the server listens. The weights are synced through a directory
+    under output_dir, which the server must be able to read (same machine or a shared disk)."""
+    vllm_server_timeout: float = 240.0
+    """vllm_mode=server: seconds to wait at start-up for the server to answer."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm_mode=colocate: share of the GPU's memory vLLM takes (weights and KV cache); the rest
+    is the trainer's. Server mode: set on the server (`sapo vllm-serve` prints it)."""
+    vllm_tensor_parallel_size: int = 1
+    """GPUs one vLLM instance is split over (server mode: a server flag `sapo vllm-serve` prints)."""
+    vllm_enable_sleep_mode: bool = False
+    """vllm_mode=colocate: free vLLM's weights and KV cache while the trainer updates, and
+    reload them before each rollout (less memory, more time per step)."""
     vllm_importance_sampling_correction: bool | None = None
     """Weight each token's objective by pi_old / pi_rollout (TRL's name): the trainer's
     log-probability of a sampled token over the rollout engine's. None: on where the engine is
@@ -416,11 +435,23 @@ class TrainConfig:
         return self
 
     def _check_rollout_engine(self) -> None:
-        if self.rollout_engine == "vllm":
-            raise ConfigError("rollout_engine='vllm': the vLLM engine is not built yet (docs/engines.md); use "
-                              "rollout_engine=hf, with rollout_dtype=bfloat16 for low-precision rollouts")
-        _choice("rollout_engine", self.rollout_engine, ("hf",))
+        _choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
         _choice("rollout_dtype", self.rollout_dtype, PARAM_DTYPES)
+        _choice("vllm_mode", self.vllm_mode, VLLM_MODES)
+        _require(self.rollout_engine == "hf" or self.rollout_dtype == "float32", "rollout_dtype", self.rollout_dtype,
+                 "applies to rollout_engine=hf only (vLLM runs in the dtype its server or LLM loads): leave it float32")
+        _require(self.vllm_server_base_url.startswith(("http://", "https://")), "vllm_server_base_url",
+                 self.vllm_server_base_url, "must be an http:// or https:// address, e.g. http://localhost:8000")
+        _require(0 < self.vllm_server_timeout < math.inf, "vllm_server_timeout", self.vllm_server_timeout,
+                 "must be a positive number of seconds")
+        _require(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization",
+                 self.vllm_gpu_memory_utilization, "must be in (0, 1]")
+        _require(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
+                 "must be >= 1")
+        _require(not (self.rollout_engine == "vllm" and self.vllm_mode == "colocate")
+                 or self.vllm_tensor_parallel_size == 1, "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
+                 "above 1 with vllm_mode=colocate is not built yet (each process's vLLM holds the whole model); "
+                 "use vllm_mode=server for a tensor-parallel vLLM")
         _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IS_MODES)
         high, low = self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min
         _require(high is not None and 0 < high < math.inf, "vllm_importance_sampling_clip_max", high,

@@ -38,3 +38,8 @@ class SandboxUnavailable(ConfigError):
 
 class RewardError(RuntimeError):
     """A reward function raised on a sample and the run is not set to skip such samples."""
+
+
+class EngineError(RuntimeError):
+    """The rollout engine cannot go on: an inference server that does not answer, answers
+    malformed data, or serves another model. The message names the server and what to do."""

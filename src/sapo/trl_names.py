@@ -19,6 +19,9 @@ TRL_FIELDS = {
     "importance_sampling_level": "loss_type=gspo for the sequence level",
     "sapo_temperature_pos": "tau_pos",
     "sapo_temperature_neg": "tau_neg",
+    "use_vllm": "rollout_engine=vllm (with vllm_mode, vllm_server_base_url as in TRL)",
+    "vllm_server_host": "vllm_server_base_url=http://HOST:PORT",
+    "vllm_server_port": "vllm_server_base_url=http://HOST:PORT",
 }
 # TRL loss_type values that are an aggregation (and reward scaling) here.
 TRL_LOSS_TYPES = {

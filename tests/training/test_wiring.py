@@ -197,7 +197,7 @@ def test_the_correction_is_on_exactly_where_the_engine_is_not_the_training_forwa
                  vllm_importance_sampling_clip_max=2.9)
     views = RunSettings.from_config(sapo.TrainConfig(**base_config, rollout_dtype="bfloat16", **knobs))
     assert views.update.correction == CorrectionSettings("token_mask", 0.71, 2.9) and views.update.track_mismatch
-    assert views.rollout.dtype == "bfloat16" and not views.rollout.use_rollout_logprobs  # pi_old: a forward pass
+    assert views.engine.dtype == "bfloat16" and not views.rollout.use_rollout_logprobs  # pi_old: a forward pass
     off = RunSettings.from_config(sapo.TrainConfig(**base_config, rollout_dtype="bfloat16", **knobs,
                                                    vllm_importance_sampling_correction=False))
     assert off.update.correction is None and off.update.track_mismatch  # measured, not applied
@@ -205,3 +205,19 @@ def test_the_correction_is_on_exactly_where_the_engine_is_not_the_training_forwa
     assert exact.update.correction is None and not exact.update.track_mismatch and exact.rollout.use_rollout_logprobs
     forced = RunSettings.from_config(sapo.TrainConfig(**base_config, **knobs, vllm_importance_sampling_correction=True))
     assert forced.update.correction == CorrectionSettings("token_mask", 0.71, 2.9)
+
+
+def test_the_engine_view_carries_every_vllm_knob(base_config):
+    from sapo.engines import VLLMSettings
+
+    knobs = dict(rollout_engine="vllm", vllm_mode="colocate", vllm_server_base_url="http://10.0.0.2:8001",
+                 vllm_server_timeout=17.0, vllm_gpu_memory_utilization=0.55, vllm_tensor_parallel_size=1,
+                 vllm_enable_sleep_mode=True)
+    cfg = sapo.TrainConfig(**base_config, **knobs)
+    views = RunSettings.from_config(cfg)
+    assert views.engine.name == "vllm" and views.engine.vllm == VLLMSettings(
+        mode="colocate", server_base_url="http://10.0.0.2:8001", server_timeout=17.0, gpu_memory_utilization=0.55,
+        tensor_parallel_size=1, enable_sleep_mode=True, model=cfg.model,
+        max_model_len=cfg.max_prompt_length + cfg.max_completion_length)
+    # an engine that is not the training forward: pi_old from a forward pass, the correction on
+    assert not views.rollout.use_rollout_logprobs and views.update.correction is not None

@@ -1,7 +1,9 @@
 """Rollout engines: what samples the completions (`base.py` is the interface the trainer calls;
-`hf.py` samples with the training model itself)."""
+`hf.py` samples with the training model itself; `vllm_server.py` and `vllm_colocate.py` with
+vLLM; `factory.py` builds the one the config names)."""
 
-from .base import Generation, RolloutEngine, SamplingSettings
+from .base import Generation, RolloutEngine, SamplingSettings, VLLMSettings
 from .hf import HFEngine, sample_groups, top_p_filter
 
-__all__ = ["Generation", "HFEngine", "RolloutEngine", "SamplingSettings", "sample_groups", "top_p_filter"]
+__all__ = ["Generation", "HFEngine", "RolloutEngine", "SamplingSettings", "VLLMSettings", "sample_groups",
+           "top_p_filter"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -24,6 +25,28 @@ class SamplingSettings:
     """Nucleus sampling mass (1.0: off)."""
     max_num_seqs: int = 0
     """Most sequences decoded in one batch, rounded down to whole groups (0: all at once)."""
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """What the vLLM engine reads of the config (TRL's names)."""
+
+    mode: str
+    """"server" (HTTP to a `vllm serve` process) or "colocate" (vllm.LLM in each training process)."""
+    server_base_url: str
+    """Where the server listens (vllm_server_base_url)."""
+    server_timeout: float
+    """Seconds to wait for the server to answer at start-up (vllm_server_timeout)."""
+    gpu_memory_utilization: float
+    """Colocate: share of the GPU's memory vLLM takes for weights and KV cache."""
+    tensor_parallel_size: int
+    """Colocate: processes one vLLM instance is split over."""
+    enable_sleep_mode: bool
+    """Colocate: free vLLM's weights and KV cache while the trainer updates."""
+    model: str
+    """The model directory both sides load (the server names it too)."""
+    max_model_len: int
+    """Longest sequence sampled: max_prompt_length + max_completion_length."""
 
 
 @dataclass
@@ -56,7 +79,27 @@ class RolloutEngine(Protocol):
         samples depend on that seed alone: not on the batch, the process count or a resume."""
         ...
 
-    def sync(self, model) -> None:
+    def sync(self, model, version: int | None = None) -> None:
         """Sample from `model`'s current weights from now on (an engine holding its own copy of
-        the weights takes them here)."""
+        the weights takes them here). `version` changes whenever the weights may have (the
+        trainer passes its optimizer steps so far): an engine may skip a sync of a version it
+        has already; None always syncs."""
         ...
+
+
+def generation_from_lists(token_ids: list[list[int]], logprobs: list[list[float]] | None, finish_reasons: list[str],
+                          *, pad_token_id: int, device) -> Generation:
+    """A Generation from an inference engine's per-completion lists (token ids up to and
+    including the stop token, the log-probability of each, vLLM's finish reason of each)."""
+    T = max(1, max(len(ids) for ids in token_ids))
+    ids_BT = torch.full((len(token_ids), T), pad_token_id, dtype=torch.long)
+    mask_BT = torch.zeros((len(token_ids), T), dtype=torch.long)
+    logp_BT = torch.zeros((len(token_ids), T), dtype=torch.float32) if logprobs is not None else None
+    for b, ids in enumerate(token_ids):
+        ids_BT[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask_BT[b, :len(ids)] = 1
+        if logp_BT is not None:
+            logp_BT[b, :len(ids)] = torch.tensor(logprobs[b], dtype=torch.float32)
+    truncated_B = torch.tensor([reason == "length" for reason in finish_reasons], dtype=torch.bool)
+    return Generation(completion_ids=ids_BT.to(device), completion_mask=mask_BT.to(device),
+                      truncated=truncated_B.to(device), logprobs=None if logp_BT is None else logp_BT.to(device))

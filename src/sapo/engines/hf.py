@@ -48,7 +48,7 @@ class HFEngine:
         self.dtype = dtype
         self._copy = None
 
-    def sync(self, model) -> None:
+    def sync(self, model, version: int | None = None) -> None:
         if self.dtype is None:
             self.model = model
             return

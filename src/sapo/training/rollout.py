@@ -33,8 +33,6 @@ class RolloutSettings:
     seed: int
     """The run's seed: each group samples under a seed derived from it, the step and the group's
     position in the step's global batch."""
-    dtype: str = "float32"
-    """Weights the hf engine samples with (rollout_dtype)."""
 
 
 @dataclass

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from ..algorithms import LossSettings
 from ..algorithms.mismatch import CorrectionSettings
 from ..config import TrainConfig
-from ..engines import SamplingSettings
+from ..engines import SamplingSettings, VLLMSettings
+from ..engines.factory import EngineSettings
 from ..model.logprobs import ForwardSettings
 from ..model.sharding import ModelSettings
 from ..rewards import RewardSettings
@@ -22,6 +23,7 @@ from .update import UpdateSettings
 @dataclass(frozen=True)
 class RunSettings:
     model: ModelSettings
+    engine: EngineSettings
     rollout: RolloutSettings
     rewards: RewardSettings
     advantage: AdvantageSettings
@@ -46,13 +48,19 @@ class RunSettings:
         correction = CorrectionSettings(mode=cfg.vllm_importance_sampling_mode,
                                         clip_min=cfg.vllm_importance_sampling_clip_min,
                                         clip_max=cfg.vllm_importance_sampling_clip_max) if correct else None
+        vllm = VLLMSettings(mode=cfg.vllm_mode, server_base_url=cfg.vllm_server_base_url,
+                            server_timeout=cfg.vllm_server_timeout,
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                            enable_sleep_mode=cfg.vllm_enable_sleep_mode, model=cfg.model,
+                            max_model_len=cfg.max_prompt_length + cfg.max_completion_length)
         return cls(
+            engine=EngineSettings(name=cfg.rollout_engine, dtype=cfg.rollout_dtype, vllm=vllm),
             model=ModelSettings(fsdp=cfg.fsdp, param_dtype=cfg.param_dtype, cpu_offload=cfg.cpu_offload,
                                 gradient_checkpointing=cfg.gradient_checkpointing),
             rollout=RolloutSettings(group_size=cfg.num_generations, sampling=sampling, forward=forward,
                                     needs_old_logprobs=cfg.num_minibatches > 1 or cfg.num_iterations > 1,
-                                    use_rollout_logprobs=cfg.use_rollout_logprobs and exact_engine, seed=cfg.seed,
-                                    dtype=cfg.rollout_dtype),
+                                    use_rollout_logprobs=cfg.use_rollout_logprobs and exact_engine, seed=cfg.seed),
             rewards=RewardSettings(weights=weights, skip_errors=cfg.skip_reward_errors),
             advantage=AdvantageSettings(group_size=cfg.num_generations, scale=cfg.scale_rewards),
             update=UpdateSettings(group_size=cfg.num_generations, num_minibatches=cfg.num_minibatches,

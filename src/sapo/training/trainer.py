@@ -18,7 +18,7 @@ from transformers import TrainerState, get_scheduler
 
 from ..config import TrainConfig
 from ..data import PromptSet, gsm8k_rows, load_rows, math_rows, prepare_prompts, prompts_for_step
-from ..engines import HFEngine
+from ..engines.factory import EngineContext, build_engine
 from ..errors import CheckpointError, ConfigError, NonFiniteUpdateError
 from ..model.loading import (
     check_sequence_lengths,
@@ -29,7 +29,7 @@ from ..model.loading import (
     mixed_precision,
 )
 from ..model.logprobs import settle_padding_free
-from ..model.sharding import PARAM_DTYPES, enable_gradient_checkpointing, load_sharded
+from ..model.sharding import enable_gradient_checkpointing, load_sharded
 from ..rewards import check_signature, load_reward_function
 from . import evaluation
 from .checkpoint import load_training_state, print_note, resolve_resume, restore_rng_state, save_checkpoint
@@ -109,11 +109,13 @@ class Trainer:
         if not config.fsdp:  # a sharded model is FSDP's already: accelerate would wrap it in DDP
             model, optimizer = self.acc.prepare(model, optimizer)
         self.state = PolicyState(model, optimizer, scheduler, self.acc)
-        rollout_dtype = None if self.settings.rollout.dtype == "float32" else PARAM_DTYPES[self.settings.rollout.dtype]
-        self.engine = HFEngine(self.acc.unwrap_model(model), eos_token_id=self.tokenizer.eos_token_id,
-                               pad_token_id=self.tokenizer.pad_token_id, device=self.acc.device, lockstep=config.fsdp,
-                               dtype=rollout_dtype)
-        if config.vllm_importance_sampling_correction and config.rollout_dtype == "float32":
+        acc = self.acc
+        self.engine = build_engine(self.settings.engine, EngineContext(
+            model=acc.unwrap_model(model), tokenizer=self.tokenizer, device=acc.device,
+            sync_root=Path(config.output_dir), lockstep=config.fsdp, process_index=acc.process_index,
+            local_process_index=acc.local_process_index, num_processes=acc.num_processes, wait=acc.wait_for_everyone))
+        if config.vllm_importance_sampling_correction and config.rollout_engine == "hf" \
+                and config.rollout_dtype == "float32":
             warnings.warn("vllm_importance_sampling_correction=true with rollout_engine=hf and rollout_dtype=float32: "
                           "the engine is the training forward, so there is nothing to correct (the weights are 1 up to "
                           "rounding)", stacklevel=2)
@@ -198,10 +200,16 @@ class Trainer:
         self.logger = self._open_run()
         exit_code = 1
         try:
+            connect = getattr(self.engine, "connect", None)
+            if connect is not None:  # an inference server: check it serves this run's model
+                connect(self.acc.unwrap_model(self.model), fresh=self.resume_path is None)
             history = self._train()
             exit_code = 0
             return history
         finally:
+            close = getattr(self.engine, "close", None)
+            if close is not None:
+                close()
             self.logger.close(exit_code)
 
     def _open_run(self) -> RunLogger:
@@ -302,7 +310,7 @@ class Trainer:
     def _rollout(self, rows: list[int], step: int, first: int) -> Rollout:
         """The engine's samples, with pi_old and the reference's log-probabilities where needed."""
         policy = self.acc.unwrap_model(self.model)
-        self.engine.sync(policy)
+        self.engine.sync(policy, version=self.state.optimizer_steps)
         with self.acc.autocast():
             rollout = sample(self.engine, self.train_set, rows, self.settings.rollout, step=step, first_position=first)
             rollout.old_logprobs = behaviour_logprobs(policy, rollout, self.settings.rollout)
@@ -329,7 +337,7 @@ class Trainer:
         """Pass@1, Pass@k and greedy accuracy on eval_dataset (see evaluation.py), over all processes,
         after `step` rollout steps."""
         settings, acc = self.settings.evaluation, self.acc
-        self.engine.sync(acc.unwrap_model(self.model))
+        self.engine.sync(acc.unwrap_model(self.model), version=self.state.optimizer_steps)
         with acc.autocast():
             totals = evaluation.evaluate(self.engine, self.tokenizer, self.eval_set, self.rewards, settings,
                                          indices=list(range(acc.process_index, len(self.eval_set), acc.num_processes)),

@@ -65,6 +65,11 @@ class PolicyState:
     scheduler: Any
     accelerator: Any
 
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps so far (skipped non-finite ones included): what changes the weights."""
+        return self.scheduler.last_epoch
+
 
 @dataclass
 class UpdateResult:
