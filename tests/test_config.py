@@ -76,6 +76,7 @@ def valid(tmp_path, **kw):
     (dict(vllm_tensor_parallel_size=0), r"vllm_tensor_parallel_size=0 must be >= 1"),
     (dict(rollout_engine="vllm", vllm_mode="colocate", vllm_tensor_parallel_size=2),
      r"vllm_tensor_parallel_size=2 above 1 with vllm_mode=colocate is not built yet"),
+    (dict(rollout_engine="vllm", vllm_mode="colocate", fsdp=True), r"vllm_mode='colocate' with fsdp=true is not built"),
     (dict(rollout_engine="sglang"), r"rollout_engine='sglang' is not one of \['hf', 'vllm'\]"),
     (dict(rollout_dtype="float16"), r"rollout_dtype='float16' is not one of \['float32', 'bfloat16'\]"),
     (dict(vllm_importance_sampling_mode="tis"), r"vllm_importance_sampling_mode='tis' is not one of"),

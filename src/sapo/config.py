@@ -452,6 +452,9 @@ class TrainConfig:
                  or self.vllm_tensor_parallel_size == 1, "vllm_tensor_parallel_size", self.vllm_tensor_parallel_size,
                  "above 1 with vllm_mode=colocate is not built yet (each process's vLLM holds the whole model); "
                  "use vllm_mode=server for a tensor-parallel vLLM")
+        _require(not (self.rollout_engine == "vllm" and self.vllm_mode == "colocate" and self.fsdp), "vllm_mode",
+                 self.vllm_mode, "with fsdp=true is not built yet (each process's vLLM would need the whole "
+                 "model's weights at every sync); use vllm_mode=server")
         _choice("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IS_MODES)
         high, low = self.vllm_importance_sampling_clip_max, self.vllm_importance_sampling_clip_min
         _require(high is not None and 0 < high < math.inf, "vllm_importance_sampling_clip_max", high,

@@ -40,11 +40,12 @@ class Server:
 
         torch.set_num_threads(1)
         self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        # The tokenizer.json as it is: transformers' AutoTokenizer would swap in the model family's
-        # class for the tiny qwen2 test model (so would a real vLLM, and the client refuses it then).
+        # The tokenizer.json as it is (transformers' AutoTokenizer would swap in the model family's
+        # class for the tiny qwen2 test model; it decodes ids the same, but splits text otherwise).
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer or args.model)
         self.name = args.model
         self.max_model_len = args.max_model_len
+        self.logprobs_mode = args.logprobs_mode
         self.die_after_updates = args.die_after_updates
         self.lock = threading.Lock()
         self.initialized = self.session = self.loaded = self.paused = False
@@ -56,9 +57,11 @@ class Server:
             os._exit(1)
         routes = {
             ("GET", "/health"): lambda b: {},
+            ("GET", "/server_info?config_format=json"): lambda b: {"vllm_config": {"model_config": {
+                "model": self.name, "logprobs_mode": self.logprobs_mode}}},
             ("GET", "/v1/models"): lambda b: {"object": "list", "data": [
                 {"id": self.name, "object": "model", "max_model_len": self.max_model_len}]},
-            ("POST", "/tokenize"): self.tokenize,
+            ("POST", "/detokenize"): lambda b: {"prompt": self.tokenizer.decode(b["tokens"])},
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/pause"): lambda b: self._set_paused(True),
             ("POST", "/resume"): lambda b: self._set_paused(False),
@@ -81,10 +84,6 @@ class Server:
     def _set_paused(self, paused: bool) -> dict:
         self.paused = paused
         return {"status": "paused" if paused else "resumed"}
-
-    def tokenize(self, body: dict) -> dict:
-        ids = self.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))["input_ids"]
-        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     def init_transfer(self, body: dict) -> dict:
         if "init_info" not in body:
@@ -171,6 +170,7 @@ def main() -> None:
     parser.add_argument("--port-file", required=True)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--die-after-updates", type=int, default=0)
+    parser.add_argument("--logprobs-mode", default="processed_logprobs")
     args = parser.parse_args()
     server = Server(args)
 
@@ -195,6 +195,7 @@ def main() -> None:
         def log_message(self, *args):
             pass
 
+    ThreadingHTTPServer.request_queue_size = 256  # the client sends up to 64 requests at once
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     tmp = Path(args.port_file + ".tmp")
     tmp.write_text(str(httpd.server_address[1]))

@@ -4,6 +4,7 @@ This checks sapo's side of the calls only: no real vLLM runs here (docs/engines.
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -65,11 +66,12 @@ def _stand_in_vllm(calls: list, loaded: dict):
 
 
 @pytest.mark.parametrize("sleep", [False, True])
-def test_colocated_engine_calls_vllm_as_trl_does(base_config, monkeypatch, sleep):
+def test_colocated_engine_calls(base_config, monkeypatch, sleep):
     calls, loaded = [], {}
     monkeypatch.setitem(sys.modules, "vllm", _stand_in_vllm(calls, loaded))
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)  # what the engine sets for vLLM's launcher; restored afterwards
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                 "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", environ)  # what the engine sets for vLLM's launcher stays in the test
     config = TrainConfig(**{**base_config, "rollout_engine": "vllm", "vllm_mode": "colocate",
                             "vllm_enable_sleep_mode": sleep, "vllm_gpu_memory_utilization": 0.4}).validate()
     settings = RunSettings.from_config(config)
@@ -81,6 +83,8 @@ def test_colocated_engine_calls_vllm_as_trl_does(base_config, monkeypatch, sleep
     assert kwargs["logprobs_mode"] == "processed_logprobs" and kwargs["distributed_executor_backend"] == \
         "external_launcher" and kwargs["enable_sleep_mode"] is sleep
     assert kwargs["max_model_len"] == config.max_prompt_length + config.max_completion_length
+    assert environ["RANK"] == "0" and environ["WORLD_SIZE"] == "1" and environ["MASTER_ADDR"] == "127.0.0.1"
+    assert 0 < int(environ["MASTER_PORT"]) < 65536  # env:// rendezvous even for one process
 
     engine.sync(model, version=0)
     assert set(loaded) == set(model.state_dict()) and all(torch.equal(loaded[k], v)
@@ -95,16 +99,16 @@ def test_colocated_engine_calls_vllm_as_trl_does(base_config, monkeypatch, sleep
     assert lengths.tolist() == [4, 1, 2, 3, 4, 1]
     assert gen.truncated.tolist() == [n == 4 for n in lengths.tolist()]
     assert torch.allclose(gen.logprobs[1, :1], torch.tensor([-0.1])) and (gen.logprobs[1, 1:] == 0).all()
-    if sleep:  # weights dropped after each generation, so the next sync pushes them even at the same version
-        order = [c[0] if c[0] != "wake_up" else c[1] for c in calls]
-        assert order[:6] == ["LLM", "sleep", ("weights",), "reset_prefix_cache", ("kv_cache",), "generate"]
-        assert order[6] == "sleep"
-        loaded.clear()
-        engine.sync(model, version=0)
-        assert loaded
+    loaded.clear()
+    engine.generate([[3, 4, 5]], 2, sampling, seeds=[13])  # a second generation after one sync (evaluation)
+    order = [c[0] if c[0] != "wake_up" else c[1] for c in calls]
+    if sleep:  # level 2 sleep drops the weights after each generation: they are pushed again before the next
+        assert order == ["LLM", "sleep", ("weights",), "reset_prefix_cache", ("kv_cache",), "generate", "sleep",
+                         ("weights",), "reset_prefix_cache", ("kv_cache",), "generate", "sleep"]
+        assert set(loaded) == set(model.state_dict())
     else:
-        loaded.clear()
-        engine.sync(model, version=0)
+        assert order == ["LLM", "reset_prefix_cache", "generate", "generate"] and not loaded
+        engine.sync(model, version=0)  # a version synced already is not pushed again
         assert not loaded
 
 

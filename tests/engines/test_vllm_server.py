@@ -72,8 +72,12 @@ def _config(base_config, url, **overrides):
 def test_three_steps_against_the_server_keep_its_weights_equal_to_the_trainers(base_config, workdir, serve,
                                                                                monkeypatch):
     url = serve(workdir / "model")
+    served_at_start = _get(url, "/sapo_test/weights_digest")["digest"]
     monkeypatch.setattr(sys, "meta_path", [_NoVLLM(), *sys.meta_path])
-    trainer = sapo.Trainer(_config(base_config, url, save_steps=1))
+    rows = (workdir / "data.jsonl").read_text().splitlines()
+    (workdir / "eval6.jsonl").write_text("\n".join(rows[:6]))
+    trainer = sapo.Trainer(_config(base_config, url, save_steps=1, eval_dataset=str(workdir / "eval6.jsonl"),
+                                   eval_steps=3, eval_num_generations=2))
     synced = []
     real_sync = trainer.engine.sync
 
@@ -83,12 +87,16 @@ def test_three_steps_against_the_server_keep_its_weights_equal_to_the_trainers(b
 
     trainer.engine.sync = sync
     history = trainer.train()
-    assert len(history) == 3 and len(synced) == 3
-    assert all(ours == served for ours, served in synced)
-    assert len({ours for ours, _ in synced}) == 3  # the weights moved, and the server followed each time
-    assert _get(url, "/sapo_test/weights_digest")["updates"] == 3
-    for step in history:  # the correction is on, and sees the same float32 model on both sides
+    # synced before each of the 3 rollouts and the 2 evaluations (before training, after step 3)
+    assert len(synced) == 5 and all(ours == served for ours, served in synced)
+    assert len({ours for ours, _ in synced}) == 4  # the weights moved, and the server followed each time
+    trained = [h for h in history if "rollout/mismatch_kl" in h]
+    assert len(trained) == 3 and "eval/pass@1" in history[0] and "eval/pass@1" in history[-1]
+    for step in trained:  # the correction is on, and sees the same float32 model on both sides
         assert 0 <= step["rollout/mismatch_kl"] < 1e-4 and abs(step["rollout/is_weight_mean"] - 1) < 1e-3
+    # at the end the server has the model's own weights back, ready for the next run
+    after = _get(url, "/sapo_test/weights_digest")
+    assert after["digest"] == served_at_start and after["updates"] == 5
     out = Path(base_config["output_dir"])
     assert not list(out.glob("vllm-weights-*"))  # the engine's own weights directories are gone
     assert len(list_checkpoints(out)) >= 1
@@ -114,8 +122,6 @@ def test_rollouts_from_the_server_are_well_formed(base_config, workdir, serve):
         assert gen.finish_reasons[b] == ("length" if gen.truncated[b] else "stop")
     assert torch.isfinite(gen.logprobs).all() and (gen.logprobs <= 0).all()
     assert (gen.logprobs[gen.completion_mask == 0] == 0).all()
-    again = engine.generate(prompts, 4, sampling, seeds=[1, 2, 3])  # a group's seed decides its samples
-    assert torch.equal(again.completion_ids, gen.completion_ids)
     updates = _get(url, "/sapo_test/weights_digest")["updates"]
     engine.sync(model, version=0)  # a version synced already is not sent again
     assert _get(url, "/sapo_test/weights_digest")["updates"] == updates
@@ -157,7 +163,7 @@ def test_a_server_with_another_tokenizer_is_refused(base_config, workdir, serve,
     vocab["1"], vocab["2"] = vocab["2"], vocab["1"]  # the probe text holds both digits
     (other / "tokenizer.json").write_text(json.dumps(spec))
     url = serve(workdir / "model", "--tokenizer", str(other))
-    with pytest.raises(ConfigError, match="tokenizes text differently"):
+    with pytest.raises(ConfigError, match="decodes token ids differently"):
         sapo.Trainer(_config(base_config, url)).train()
 
 
@@ -170,6 +176,12 @@ def test_no_server_is_a_clear_error(base_config):
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(EngineError, match=f"no vLLM server answered at {url} within vllm_server_timeout=1"):
         sapo.Trainer(_config(base_config, url, vllm_server_timeout=1)).train()
+
+
+def test_a_server_without_processed_logprobs_is_refused(base_config, workdir, serve):
+    url = serve(workdir / "model", "--logprobs-mode", "raw_logprobs")
+    with pytest.raises(ConfigError, match="--logprobs-mode raw_logprobs.*processed_logprobs"):
+        sapo.Trainer(_config(base_config, url)).train()
 
 
 def test_a_short_server_context_is_refused(base_config, workdir, serve):

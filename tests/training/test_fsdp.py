@@ -9,6 +9,7 @@ workers/fsdp_train.py), under a timeout."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,12 +64,33 @@ def runs(workdir, moe_model, tmp_path_factory):
         "adam2+2": base(workdir, dense, root / "adam22", **adam, max_steps=4, resume_from_checkpoint="latest"),
     }, "update_config": base(workdir, dense, root / "unused", num_generations=3, prompts_per_step=2, beta=0.0,
                            max_tokens_per_micro_batch=22)}
-    (root / "plan.json").write_text(json.dumps(plan))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(WORKER), str(root / "plan.json"), str(root)],
-                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    server = start_fake_vllm_server(dense, root / "port")
+    try:
+        # rollouts from a (stand-in) vLLM server, weights synced from the sharded policy, evaluation too
+        plan["runs"]["vllm"] = base(workdir, dense, root / "vllm", **fsdp, rollout_engine="vllm", eval_steps=1,
+                                    vllm_server_base_url=f"http://127.0.0.1:{(root / 'port').read_text()}",
+                                    eval_dataset=str(root / "eval5.jsonl"), eval_num_generations=2)
+        (root / "plan.json").write_text(json.dumps(plan))
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(WORKER), str(root / "plan.json"), str(root)],
+                                capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
     assert result.returncode == 0, result.stderr[-4000:]
     return root, json.loads((root / "found.json").read_text())
+
+
+def start_fake_vllm_server(model, port_file: Path) -> subprocess.Popen:
+    from tests.engines.test_vllm_server import SERVER
+
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--model", str(model), "--port-file", str(port_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the fake vLLM server did not start"
+        time.sleep(0.1)
+    return proc
 
 
 def one_process(workdir, model, out):
@@ -168,3 +190,14 @@ def test_no_process_waits_forever(runs):
     assert found["unstepped_optimizer"] == [True, True]
     # rank 0 stopped at its first token; rank 1 went on, and both returned (shared prefill, generate)
     assert found["lockstep_rank0"] == [[1], [1]] and found["lockstep_rank1"] == [[6], [6]]
+
+
+def test_sharded_training_with_rollouts_from_a_vllm_server(runs):
+    root, found = runs
+    assert found["vllm"]["sharded"]
+    steps = [json.loads(line) for line in (root / "vllm" / "metrics.jsonl").read_text().splitlines()]
+    trained = [s for s in steps if "rollout/mismatch_kl" in s]
+    assert len(trained) == 2 and any("eval/pass@1" in s for s in steps)
+    # the server sampled from the weights the sharded trainer scored with: no mismatch beyond rounding
+    assert all(0 <= s["rollout/mismatch_kl"] < 1e-4 for s in trained)
+    assert not list((root / "vllm").glob("vllm-weights-*"))

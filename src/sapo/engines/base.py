@@ -60,8 +60,9 @@ class Generation:
     truncated: Tensor
     """(B,) bool: finished by reaching max_new_tokens, not by EOS (vLLM's finish reason "length")."""
     logprobs: Tensor | None = None
-    """(B, T) float32 log pi / temperature of each drawn token as the engine computed it (without
-    top-p), 0 at padding; None where the engine has none (greedy decoding, a fallback path)."""
+    """(B, T) float32 log pi / temperature of each drawn token as the engine computed it, 0 at
+    padding; None where the engine has none (greedy decoding, a fallback path). The hf engine's
+    are before top-p; vLLM's (processed_logprobs) after it, renormalised."""
     routed_experts: Tensor | None = None
     """(B, T, layers, k) the experts a mixture-of-experts engine routed each drawn token to, for
     routing replay; None where the engine does not report them (the hf engine today)."""

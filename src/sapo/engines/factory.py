@@ -38,8 +38,9 @@ class EngineContext:
     process_index: int = 0
     local_process_index: int = 0
     num_processes: int = 1
-    wait: Callable[[], None] = field(default=lambda: None)
-    """A barrier over the training processes."""
+    on_main: Callable[[Callable], object] = field(default=lambda action: action())
+    """Runs an action on the main process only and raises its failure on every process (the
+    others wait for it)."""
 
 
 def _hf(settings: EngineSettings, ctx: EngineContext) -> RolloutEngine:
@@ -55,7 +56,7 @@ def _vllm_server(settings: EngineSettings, ctx: EngineContext) -> RolloutEngine:
     from .vllm_server import VLLMServerEngine
 
     return VLLMServerEngine(settings.vllm, tokenizer=ctx.tokenizer, sync_root=ctx.sync_root, device=ctx.device,
-                            is_main=ctx.process_index == 0, wait=ctx.wait)
+                            on_main=ctx.on_main)
 
 
 def _vllm_colocate(settings: EngineSettings, ctx: EngineContext) -> RolloutEngine:

@@ -1,8 +1,8 @@
 """The `vllm` engine in server mode: the trainer talks HTTP to a `vllm serve` process and never
 imports vllm. Only the routes and payloads below are used, written from vLLM's source:
 
-- `GET /health`, `GET /v1/models` (the served model's id and `max_model_len`), `POST /tokenize`
-  (vllm/entrypoints/openai/api_server.py and serve/tokenize): start-up checks.
+- `GET /health`, `GET /v1/models` (the served model's id and `max_model_len`), `POST
+  /detokenize` (vllm/entrypoints/serve/tokenize), `GET /server_info` (dev mode): start-up checks.
 - `POST /v1/completions` (vllm/entrypoints/openai/protocol.py, CompletionRequest): one request
   per group, the prompt as token ids, `n` = G samples under the group's `seed`, `logprobs: 0`
   (the log-probability of each drawn token; the server must run with `--logprobs-mode
@@ -26,6 +26,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -39,6 +40,9 @@ import torch
 from ..errors import ConfigError, EngineError
 from .base import Generation, SamplingSettings, VLLMSettings, generation_from_lists
 
+API_KEY_ENV = "VLLM_API_KEY"
+"""The environment variable vLLM's server reads its --api-key from; the client sends it as a
+bearer token when it is set (kept out of config.yaml)."""
 REPLY_TIMEOUT = 3600.0
 """Seconds one reply may take (a whole group's generation at long lengths on a busy server)."""
 MAX_REQUESTS_IN_FLIGHT = 64
@@ -75,22 +79,23 @@ def full_state_dict(model) -> dict:
 
 
 class VLLMServerEngine:
-    """Samples from a running `vllm serve`. `connect` checks the server (model, tokenizer,
+    """Samples from a running `vllm serve`. `connect` checks the server (flags, model, tokenizer,
     weights) and opens the weight transfer; `sync` writes the policy's weights to a fresh
     private directory under `sync_root` (output_dir) and has the server load them, whenever
-    they changed. With
-    several training processes the main one syncs, `wait` holds the others until it is done,
-    and each process requests its own share of the groups."""
+    they changed; `close` puts the served model's own weights back. With several training
+    processes `on_main(action)` runs the server-side actions on the main process and raises
+    their failure on every process; each process requests its own share of the groups."""
 
     def __init__(self, settings: VLLMSettings, *, tokenizer, sync_root: Path, device: torch.device,
-                 is_main: bool = True, wait=lambda: None) -> None:
+                 on_main=lambda action: action()) -> None:
         self.settings = settings
         self.base_url = settings.server_base_url.rstrip("/")
         self.tokenizer = tokenizer
         self.sync_root = Path(sync_root)
         self.device = device
-        self.is_main, self.wait = is_main, wait
+        self.on_main = on_main
         self.model_name: str | None = None
+        self.vocab_size = len(tokenizer)
         self._synced_version: int | None = None
         self._synced_dir: Path | None = None
         self._root: Path | None = None
@@ -98,27 +103,38 @@ class VLLMServerEngine:
 
     # ------------------------------------------------------------------ HTTP
     def _call(self, route: str, payload: dict | None = None, *, method: str = "POST",
-              timeout: float = REPLY_TIMEOUT) -> dict:
+              timeout: float = REPLY_TIMEOUT, retries: int = 0) -> dict:
+        """`retries`: further tries after a dropped connection, for requests that are safe to repeat."""
         data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(f"{self.base_url}{route}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get(API_KEY_ENV):
+            headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
+        request = urllib.request.Request(f"{self.base_url}{route}", data=data, method=method, headers=headers)
         try:
             with _OPENER.open(request, timeout=timeout) as reply:
                 body = reply.read()
+        except (ConnectionResetError, http.client.RemoteDisconnected) as err:
+            if not retries:
+                self._unreachable(method, route, err)
+            time.sleep(1.0)
+            return self._call(route, payload, method=method, timeout=timeout, retries=retries - 1)
         except urllib.error.HTTPError as err:
             detail = err.read()[:500].decode(errors="replace")
             raise EngineError(f"the vLLM server at {self.base_url} answered {method} {route} with HTTP {err.code}: "
                               f"{detail}") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise EngineError(f"the vLLM server at {self.base_url} stopped answering ({method} {route}: {reason}). "
-                              "Restart it (`sapo vllm-serve MODEL` prints the command) and resume the run from its "
-                              "last checkpoint (resume_from_checkpoint=true)") from None
+            self._unreachable(method, route, err)
         try:
             return json.loads(body) if body else {}
         except json.JSONDecodeError:
             raise EngineError(f"the vLLM server at {self.base_url} answered {route} with something other than "
                               f"JSON: {body[:200]!r}") from None
+
+    def _unreachable(self, method: str, route: str, err: Exception):
+        reason = getattr(err, "reason", err)
+        raise EngineError(f"the vLLM server at {self.base_url} stopped answering ({method} {route}: {reason}). "
+                          "Restart it (`sapo vllm-serve MODEL` prints the command) and resume the run from its "
+                          "last checkpoint (resume_from_checkpoint=latest)") from None
 
     def _wait_until_up(self) -> None:
         deadline = time.monotonic() + self.settings.server_timeout
@@ -137,8 +153,12 @@ class VLLMServerEngine:
     def connect(self, model, *, fresh: bool) -> None:
         """Check the server serves this run's model, then open the weight transfer. `fresh`: a
         run from the start, whose policy must equal the served weights (a resumed run's policy
-        is the checkpoint's, so only the tokenizer and lengths are checked)."""
+        is the checkpoint's, so only the tokenizer and lengths are checked). Every process
+        takes part (the weights check is a forward pass, collective for a sharded model)."""
+        if self.model_name is not None:
+            return
         self._wait_until_up()
+        self._check_flags()
         models = self._call("/v1/models", method="GET").get("data") or []
         if not models or "id" not in models[0]:
             raise EngineError(f"the vLLM server at {self.base_url} lists no model at /v1/models")
@@ -148,19 +168,44 @@ class VLLMServerEngine:
             raise ConfigError(f"max_prompt_length + max_completion_length = {self.settings.max_model_len} is longer "
                               f"than the vLLM server's max_model_len={served_len}: restart it with --max-model-len "
                               f"{self.settings.max_model_len} (sapo vllm-serve sets it)")
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None) or self.vocab_size
         self._check_tokenizer()
         if fresh:
             self._check_weights(model)
-        if self.is_main:
-            self._call("/init_weight_transfer_engine", {"init_info": {}})
-        self.wait()
+        self.on_main(self._open_transfer)
+
+    def _open_transfer(self) -> None:
+        # Weights directories a run killed before its clean-up left behind (ours by name; the
+        # output_dir lock is held, so no live run owns them).
+        for stale in self.sync_root.glob("vllm-weights-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+        self._call("/resume", None)  # a run that failed mid-sync may have left it paused
+        self._call("/init_weight_transfer_engine", {"init_info": {}})
+
+    def _check_flags(self) -> None:
+        """The dev-mode routes, and processed log-probabilities where the server reports its config."""
+        try:
+            info = self._call("/server_info?config_format=json", method="GET", timeout=30)
+        except EngineError as err:
+            if "HTTP 404" in str(err):
+                raise ConfigError(f"the vLLM server at {self.base_url} has no dev-mode routes (/server_info, the "
+                                  "weight updates): start it with VLLM_SERVER_DEV_MODE=1 and the flags `sapo "
+                                  f"vllm-serve {self.settings.model}` prints") from None
+            raise
+        mode = _find_key(info, "logprobs_mode")
+        if mode is not None and mode != "processed_logprobs":
+            raise ConfigError(f"the vLLM server at {self.base_url} runs with --logprobs-mode {mode}: the importance "
+                              "sampling correction needs the log-probabilities of the distribution it samples from. "
+                              "Restart it with --logprobs-mode processed_logprobs (sapo vllm-serve sets it)")
 
     def _check_tokenizer(self) -> None:
-        served = self._call("/tokenize", {"model": self.model_name, "prompt": PROBE_TEXT,
-                                          "add_special_tokens": False}).get("tokens")
-        ours = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-        if served != ours:
-            raise ConfigError(f"the vLLM server at {self.base_url} (model {self.model_name!r}) tokenizes text "
+        """Token ids must mean the same tokens on both sides (prompts and completions travel as
+        ids, so how either side would split text does not matter)."""
+        ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        served = self._call("/detokenize", {"model": self.model_name, "tokens": ids}).get("prompt")
+        if served != self.tokenizer.decode(ids):
+            raise ConfigError(f"the vLLM server at {self.base_url} (model {self.model_name!r}) decodes token ids "
                               f"differently from model={self.settings.model!r}: it serves another tokenizer. Start it "
                               f"on this run's model: `sapo vllm-serve {self.settings.model}`")
 
@@ -182,32 +227,42 @@ class VLLMServerEngine:
             raise ConfigError(f"the vLLM server at {self.base_url} serves other weights than model="
                               f"{self.settings.model!r} (log-probabilities differ by {gap:.3g} nats per token on "
                               f"average; the same weights stay under {WEIGHTS_TOLERANCE}). Start it on this run's "
-                              f"model (`sapo vllm-serve {self.settings.model}`); the trainer does not overwrite "
-                              "another model's server")
+                              f"model (`sapo vllm-serve {self.settings.model}`), or restart it if a run that crashed "
+                              "left its weights there; the trainer does not overwrite another model's server")
 
     # ------------------------------------------------------------------ engine interface
     def sync(self, model, version: int | None = None) -> None:
         if version is not None and version == self._synced_version:
             return
         state = full_state_dict(model)  # every process takes part in a sharded model's gather
-        if self.is_main:
-            if self._root is None:  # fresh and private (0700): never a directory someone else prepared
-                self.sync_root.mkdir(parents=True, exist_ok=True)
-                self._root = Path(tempfile.mkdtemp(prefix="vllm-weights-", dir=self.sync_root))
-            self._syncs += 1
-            directory = self._root / f"step-{self._syncs}"
-            directory.mkdir(mode=0o700)
-            model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-            self._call("/pause", None)
-            self._call("/start_weight_update", None)
-            self._call("/update_weights", {"update_info": {"path": str(directory.resolve())}})
-            self._call("/finish_weight_update", None)
-            self._call("/resume", None)
-            if self._synced_dir is not None:
-                shutil.rmtree(self._synced_dir, ignore_errors=True)  # ours, written by the sync before
-            self._synced_dir = directory
-        self.wait()
+        self.on_main(lambda: self._push(model, state))
         self._synced_version = version
+
+    def _push(self, model, state: dict) -> None:
+        if self._root is None:  # fresh and private (0700): never a directory someone else prepared
+            self.sync_root.mkdir(parents=True, exist_ok=True)
+            self._root = Path(tempfile.mkdtemp(prefix="vllm-weights-", dir=self.sync_root))
+        self._syncs += 1
+        directory = self._root / f"step-{self._syncs}"
+        directory.mkdir(mode=0o700)
+        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        self._load(directory)
+        if self._synced_dir is not None:
+            shutil.rmtree(self._synced_dir, ignore_errors=True)  # ours, written by the sync before
+        self._synced_dir = directory
+
+    def _load(self, directory: Path) -> None:
+        """The server loads the safetensors in `directory`; generation resumes whatever happens."""
+        self._call("/pause", None)
+        try:
+            self._call("/start_weight_update", None)
+            self._call("/update_weights", {"update_info": {"path": str(Path(directory).resolve())}})
+            self._call("/finish_weight_update", None)
+        finally:
+            try:
+                self._call("/resume", None)
+            except EngineError:
+                pass  # the failure above is the one to report
 
     def generate(self, prompt_ids: list[list[int]], group_size: int, sampling: SamplingSettings,
                  seeds: list[int]) -> Generation:
@@ -218,7 +273,7 @@ class VLLMServerEngine:
                      "return_tokens_as_token_ids": True, "skip_special_tokens": False}
                     for ids, seed in zip(prompt_ids, seeds, strict=True)]
         with ThreadPoolExecutor(max_workers=max(1, min(len(payloads), MAX_REQUESTS_IN_FLIGHT))) as pool:
-            replies = list(pool.map(lambda p: self._call("/v1/completions", p), payloads))
+            replies = list(pool.map(lambda p: self._call("/v1/completions", p, retries=2), payloads))
         token_ids, logprobs, finish = [], [], []
         for reply in replies:
             for ids, logps, reason in self._parse(reply, group_size, sampling.max_new_tokens):
@@ -231,7 +286,7 @@ class VLLMServerEngine:
     def _parse(self, reply: dict, group_size: int, max_tokens: int):
         """(token ids, log-probabilities, finish reason) of each of a reply's choices, checked."""
         choices = sorted(reply.get("choices") or [], key=lambda c: c.get("index", 0))
-        vocab = len(self.tokenizer)
+        vocab = self.vocab_size
         if len(choices) != group_size:
             raise EngineError(f"the vLLM server at {self.base_url} returned {len(choices)} completions of a prompt, "
                               f"not n={group_size}")
@@ -254,7 +309,32 @@ class VLLMServerEngine:
             yield ids, logps, reason
 
     def close(self) -> None:
-        """Remove the weights directory this engine made (the server has loaded them)."""
-        if self.is_main and self._root is not None:
+        """Put the served model's own weights back (so the server can serve the next run from the
+        start) and remove the weights directory this engine made."""
+        self.on_main(self._restore)
+
+    def _restore(self) -> None:
+        if self._syncs:
+            try:
+                self._load(Path(self.settings.model))
+                self._syncs = 0
+            except EngineError as err:
+                print(f"note: could not put {self.settings.model}'s weights back on the vLLM server ({err}); "
+                      "restart it before the next run", flush=True)
+        if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = self._synced_dir = None
+
+
+def _find_key(tree, key: str):
+    """The first value of `key` anywhere in a JSON tree (vLLM's /server_info nests its config)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for item in tree:
+            found = _find_key(item, key)
+            if found is not None:
+                return found
+    return None

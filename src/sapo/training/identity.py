@@ -24,7 +24,7 @@ CONTINUABLE = frozenset({
     "resume_from_checkpoint", "output_dir", "report_to", "log_completions", "micro_batch_size", "logprob_chunk_size",
     "padding_free", "max_num_seqs", "skip_reward_errors", "allow_unsandboxed_code", "max_nonfinite_steps",
     "gradient_checkpointing", "max_tokens_per_micro_batch", "cpu_offload", "vllm_server_base_url",
-    "vllm_server_timeout", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode",
+    "vllm_server_timeout", "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_tensor_parallel_size",
 })
 # What a run appends to in its output_dir (training/tracking.py): a fresh run never takes over another's.
 RUN_LOGS = ("metrics.jsonl", "completions.jsonl", "logratios.jsonl")

@@ -19,7 +19,7 @@ from transformers import TrainerState, get_scheduler
 from ..config import TrainConfig
 from ..data import PromptSet, gsm8k_rows, load_rows, math_rows, prepare_prompts, prompts_for_step
 from ..engines.factory import EngineContext, build_engine
-from ..errors import CheckpointError, ConfigError, NonFiniteUpdateError
+from ..errors import CheckpointError, ConfigError, EngineError, NonFiniteUpdateError
 from ..model.loading import (
     check_sequence_lengths,
     disable_dropout,
@@ -113,7 +113,7 @@ class Trainer:
         self.engine = build_engine(self.settings.engine, EngineContext(
             model=acc.unwrap_model(model), tokenizer=self.tokenizer, device=acc.device,
             sync_root=Path(config.output_dir), lockstep=config.fsdp, process_index=acc.process_index,
-            local_process_index=acc.local_process_index, num_processes=acc.num_processes, wait=acc.wait_for_everyone))
+            local_process_index=acc.local_process_index, num_processes=acc.num_processes, on_main=self._on_main))
         if config.vllm_importance_sampling_correction and config.rollout_engine == "hf" \
                 and config.rollout_dtype == "float32":
             warnings.warn("vllm_importance_sampling_correction=true with rollout_engine=hf and rollout_dtype=float32: "
@@ -175,14 +175,14 @@ class Trainer:
         return prompts
 
     def _on_main(self, action, *, share: bool = False):
-        """`action()` on the main process; a ConfigError it raises is raised on every process, which
-        would otherwise wait for the main one at the next collective. The result stays on the
-        main process (None elsewhere) unless `share`."""
+        """`action()` on the main process; a ConfigError (or EngineError) it raises is raised on
+        every process, which would otherwise wait for the main one at the next collective. The
+        result stays on the main process (None elsewhere) unless `share`."""
         result, failure = None, None
         if self.acc.is_main_process:
             try:
                 result = action()
-            except ConfigError as err:
+            except (ConfigError, EngineError) as err:
                 failure = err
         if self.acc.num_processes > 1:
             failure, shared = broadcast_object_list([failure, result if share else None])
@@ -200,9 +200,6 @@ class Trainer:
         self.logger = self._open_run()
         exit_code = 1
         try:
-            connect = getattr(self.engine, "connect", None)
-            if connect is not None:  # an inference server: check it serves this run's model
-                connect(self.acc.unwrap_model(self.model), fresh=self.resume_path is None)
             history = self._train()
             exit_code = 0
             return history
@@ -247,8 +244,15 @@ class Trainer:
             raise
         return lock
 
+    def _connect_engine(self) -> None:
+        """An inference server's start-up checks (that it serves this run's model), once."""
+        connect = getattr(self.engine, "connect", None)
+        if connect is not None:
+            connect(self.acc.unwrap_model(self.model), fresh=self.resume_path is None)
+
     def _train(self) -> list[dict[str, float]]:
         cfg, settings, history = self.config, self.settings, []
+        self._connect_engine()
         self._started = time.perf_counter()
         if self.eval_set is not None and self.start_step == 0:  # the starting point, for before/after
             before = self.evaluate()
@@ -337,6 +341,7 @@ class Trainer:
         """Pass@1, Pass@k and greedy accuracy on eval_dataset (see evaluation.py), over all processes,
         after `step` rollout steps."""
         settings, acc = self.settings.evaluation, self.acc
+        self._connect_engine()
         self.engine.sync(acc.unwrap_model(self.model), version=self.state.optimizer_steps)
         with acc.autocast():
             totals = evaluation.evaluate(self.engine, self.tokenizer, self.eval_set, self.rewards, settings,
