@@ -175,8 +175,11 @@ class TrainConfig:
     padding_free: bool = True
     """Score completions on padding-free rows (TRL's padding_free, verl's use_remove_padding):
     a row holds a prompt once, then the completions of its samples in the micro-batch, with a
-    block attention mask; rows are at most two padded rows long, and used only where they
-    compute fewer tokens than padded rows. Same values up to rounding. Models that cannot take
+    block attention mask; rows are at most two padded rows long, and used only where a cost
+    model (`sapo.model.packing.layout_cost`: tokens, plus attention growing with the square of
+    a row's length, dearer under a block mask) rates them cheaper than padded rows: not for long
+    completions after short prompts, where the rows' longer attention costs more than the
+    prompts they save. Same values up to rounding. Models that cannot take
     the mask (attention other than sdpa/eager, layers that attend locally: sliding windows,
     chunked or linear attention; or values that differ from padded rows at the first check)
     keep padded rows."""

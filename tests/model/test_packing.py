@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sapo.model.logprobs import _PACKING_VERIFIED, ForwardSettings, _packed_layout, completion_logprobs
-from sapo.model.packing import PADDING, PROMPT, pack_rows
+from sapo.model.packing import PADDING, PROMPT, layout_cost, pack_rows
 from sapo.model.tiny import char_tokenizer, tiny_causal_lm
 
 P, C = 6, 7
@@ -82,6 +82,58 @@ def test_no_rows_where_they_would_not_be_smaller_or_the_masks_are_not_prefixes()
     empty_prompt = torch.ones_like(prompts)
     empty_prompt[0] = 0
     assert pack_rows(prompts, empty_prompt, torch.full((2, 3), 5), torch.ones(2, 3, dtype=torch.long)) is None
+
+
+def one_pass(P, lengths, samples=2, vocab=1000, seed=0):
+    """Prompts of P tokens (no padding), `samples` samples of each (as a minibatch of G = 8 split
+    in 4 holds them), completions of the given lengths, right-padded to the longest."""
+    gen = torch.Generator().manual_seed(seed)
+    N, T = len(lengths), max(lengths)
+    prompt_ids = torch.randint(3, vocab, (N // samples, P), generator=gen).repeat_interleave(samples, 0)
+    completion_mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).long()
+    completion_ids = torch.randint(3, vocab, (N, T), generator=gen) * completion_mask
+    return prompt_ids, torch.ones_like(prompt_ids), completion_ids, completion_mask
+
+
+# Measured on CPU with a 25M-parameter Qwen2 (benchmarks/padding_free.py, docs/performance.md):
+# a 64-token prompt with its 2 completions in one row took 0.86-0.95x the padded rows' time at
+# completions of 64 and 128 tokens, 0.98-1.14x at 256 and 1.04-1.14x at 512; with completions of
+# spread lengths (padding to drop) 0.65-0.86x.
+@pytest.mark.parametrize("P, lengths, padding_free", [
+    (64, [64] * 8, True),
+    (64, [128] * 8, True),
+    (64, [256] * 8, False),  # rows twice as long: attention costs more than the 64 prompt tokens saved
+    (64, [512] * 8, False),
+    (16, [512] * 8, False),
+    (64, [512, 64, 300, 450, 100, 500, 200, 380], True),  # padding to drop as well
+    (512, [128] * 8, True),  # a long shared prompt, short completions
+    (6, [4] * 32, True),  # the demo's shape: prompts as long as the completions
+])
+def test_the_cost_model_picks_padded_rows_where_longer_rows_cost_more_than_they_save(P, lengths, padding_free):
+    data = one_pass(P, lengths)
+    rows = pack_rows(*data)
+    assert (rows is not None) is padding_free
+    forced = pack_rows(*data, by_cost=False)  # the same rows, where they have fewer cells
+    B, T = len(lengths), max(lengths)
+    R, L = forced.input_ids.shape
+    assert R * L < B * (P + T)
+    assert rows is None or torch.equal(rows.input_ids, forced.input_ids)
+    padded = layout_cost(B, P + T, masked=min(lengths) < T)
+    assert (layout_cost(R, L, masked=True) < padded) is padding_free
+
+
+def test_where_the_cost_model_picks_padded_rows_the_values_are_the_padded_ones_exactly():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32)
+    data = one_pass(4, [300, 300], vocab=len(tok))  # one short prompt, two long completions
+    assert pack_rows(*data) is None and pack_rows(*data, by_cost=False) is not None
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+    want, want_entropy, want_grads = logprobs_and_grads(model, data, False, 0)
+    got, entropy, grads = logprobs_and_grads(model, data, True, 0)
+    assert seen == [(2, 304), (2, 304)] and model not in _PACKING_VERIFIED  # padded rows, nothing checked
+    assert torch.equal(got, want) and torch.equal(entropy, want_entropy)
+    assert all(torch.equal(grads[name], g) for name, g in want_grads.items())
 
 
 def logprobs_and_grads(model, data, padding_free, chunk_size, temperature=0.8):

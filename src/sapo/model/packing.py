@@ -9,10 +9,12 @@ ids restart each completion where its prompt ends. Every token then has the same
 position as in the usual layout, so the log-probabilities are the same up to rounding, but the
 prompt is computed once per row and padding is not computed at all.
 
-A row holds at most one or two usual rows' worth of columns (P + T or 2 (P + T), whichever
-layout has fewer cells); a prompt whose samples do not fit gets another row. Attention, which
-grows with the square of a row's length, then costs at most twice the usual layout's; the
-layout is used only where it has fewer cells than the usual one.
+A row holds at most one or two usual rows' worth of columns (P + T or 2 (P + T)); a prompt
+whose samples do not fit gets another row. Fewer cells are not always less time: attention grows
+with the square of a row's length, and a block mask takes a slower attention path than a plain
+causal one, so rows twice as long can cost more than the prompt tokens they save (long
+completions after short prompts). `layout_cost` weighs the two, and the layout is used only
+where it costs less than the usual one (and has fewer cells).
 """
 
 from __future__ import annotations
@@ -57,11 +59,14 @@ class PackedRows:
 
 
 def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-              completion_mask: Tensor) -> PackedRows | None:
+              completion_mask: Tensor, *, by_cost: bool = True) -> PackedRows | None:
     """The padding-free rows of a batch of left-padded prompts (B, P) and right-padded
     completions (B, T). Samples share a row when their prompts are the same tokens. None where
-    the usual layout is as small (no padding to drop, no prompt to share), and for an empty
-    batch, an empty prompt, or a completion mask that is not a prefix (ones, then zeros)."""
+    the usual layout costs no more (`layout_cost`: no padding to drop, no prompt to share, or
+    rows so long that their attention costs more than the tokens they save), and for an empty
+    batch, an empty prompt, or a completion mask that is not a prefix (ones, then zeros).
+    `by_cost=False`: the same rows wherever they have fewer cells, even if they cost more
+    (benchmarks/padding_free.py times them so)."""
     B, P = prompt_ids.shape
     T = completion_ids.shape[1]
     cmask, pmask = completion_mask.bool(), prompt_mask.bool()
@@ -69,11 +74,17 @@ def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
         return None
     p_len, c_len = pmask.sum(1).tolist(), cmask.sum(1).tolist()
     keys = [tuple(i for i, k in zip(ids, keep) if k) for ids, keep in zip(prompt_ids.tolist(), pmask.tolist())]
-    # The layout with fewer cells (rows x columns) of two row budgets: a padded row, or two.
-    rows, used, start = min((_fill_rows(keys, p_len, c_len, budget * (P + T)) for budget in (1, 2)),
-                            key=lambda plan: len(plan[0]) * max(plan[1]))
-    if len(rows) * max(used) >= B * (P + T):
+    # Of two row budgets (a padded row, or two), those with fewer cells (rows x columns) than
+    # padded rows; of those the cheaper, if cheaper than padded rows (whose attention takes sdpa's
+    # causal path unless some row holds padding).
+    plans = [plan for plan in (_fill_rows(keys, p_len, c_len, budget * (P + T)) for budget in (1, 2))
+             if len(plan[0]) * max(plan[1]) < B * (P + T)]
+    if not plans:
         return None  # no smaller than the padded layout
+    rows, used, start = min(plans, key=lambda plan: layout_cost(len(plan[0]), max(plan[1]), masked=True))
+    padded = layout_cost(B, P + T, masked=not (pmask.all() and cmask.all()))
+    if by_cost and layout_cost(len(rows), max(used), masked=True) >= padded:
+        return None  # no faster than the padded layout
     # Built as lists, then one tensor each: a few hundred Python steps cost less than dozens of
     # small indexing kernels.
     L = max(used)
@@ -99,6 +110,29 @@ def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
     as_tensor = lambda x: torch.from_numpy(np.array(x, dtype=np.int64)).to(prompt_ids.device)  # noqa: E731
     return PackedRows(as_tensor(input_ids).to(prompt_ids.dtype), as_tensor(position_ids), as_tensor(segments),
                       as_tensor(rows_N), as_tensor(cols_N), shared=any(len(samples) > 1 for samples in rows))
+
+
+# The cost model behind the choice, in units of one token through the layers whose cost per
+# token does not depend on the layout (embeddings, projections, MLPs): a row of L columns costs L
+# for those, plus L^2 / ATTENTION_TOKENS for attention (linear layers cost ~ H^2 a token,
+# attention ~ H L: its share grows with the row), times MASKED_ATTENTION where sdpa must apply a
+# mask (the block mask, or padded rows holding padding) instead of its plain causal path. The
+# output layer runs on the completion tokens only, the same in both layouts. Calibrated by
+# benchmarks/padding_free.py on CPU, 25M-parameter Qwen2 (H = 384): the mean of three runs
+# (3761 / 1.77, 3719 / 1.57, 2913 / 1.26), rounded. With them a 64-token prompt and its two
+# completions share a row at 64 and 128 completion tokens (measured 0.86-0.95x the padded time)
+# but not at 256 (0.98-1.14x: even, or a loss) or 512 (1.04-1.14x); completions of spread
+# lengths always do (0.65-0.86x: the padding dropped outweighs the longer rows). Wider models
+# spend less on attention next to their linear layers (ATTENTION_TOKENS grows about as H): there
+# padded rows are picked somewhat more often than need be. Values are the same either way.
+ATTENTION_TOKENS = 3500.0
+MASKED_ATTENTION = 1.5
+
+
+def layout_cost(rows: int, length: int, *, masked: bool, attention_tokens: float = ATTENTION_TOKENS,
+                masked_attention: float = MASKED_ATTENTION) -> float:
+    """The modelled cost of a forward (and backward) pass over `rows` rows of `length` columns."""
+    return rows * length * (1 + length / attention_tokens * (masked_attention if masked else 1.0))
 
 
 def _fill_rows(keys: list[tuple[int, ...]], p_len: list[int], c_len: list[int],
