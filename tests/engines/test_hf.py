@@ -1,6 +1,8 @@
 """The `hf` engine: shared-prompt sampling draws exactly what model.generate draws, with one
 prefill per prompt; masks stop after EOS; a group depends on its seed alone."""
 
+import copy
+
 import pytest
 import torch
 
@@ -204,3 +206,123 @@ def test_a_low_precision_copy_follows_the_policy_at_every_sync():
         assert all(b.dtype == dict(policy.named_buffers())[k].dtype for k, b in copy.named_buffers())
         assert copy.lm_head.weight is copy.model.embed_tokens.weight  # still tied
     assert all(p.dtype == torch.float32 for p in policy.parameters())
+
+
+def _probs_and_seeds(rows=12, vocab=3000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, vocab, generator=g) * 3
+    scores[: rows // 2] = top_p_filter(scores[: rows // 2], 0.5)  # zeros in the probabilities, as with top-p
+    return scores.softmax(-1), [7, 8, 9, 10][: rows // 3]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_batched_draws_are_torch_multinomial_group_by_group(monkeypatch, fast):
+    from sapo.engines import hf
+
+    assert hf._uniform_noise_is_exponential(), "this torch's exponential_ is no longer reproduced: the slow path runs"
+    if not fast:
+        monkeypatch.setattr(hf, "_uniform_noise_is_exponential", lambda: False)
+    probs, seeds = _probs_and_seeds()
+    draws = hf._GroupDraws(seeds, 3, torch.device("cpu"))
+    assert draws.fast == fast
+    plain = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(4):  # the generators move on identically, step after step
+        want = torch.cat([torch.multinomial(probs[g * 3:(g + 1) * 3], 1, generator=gen).squeeze(1)
+                          for g, gen in enumerate(plain)])
+        assert torch.equal(draws.multinomial(probs), want)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(draws.generators, plain))
+
+
+def test_close_calls_are_drawn_again_with_exponential(monkeypatch):
+    from sapo.engines import hf
+
+    assert hf._uniform_noise_is_exponential()  # its check, made once, before counting
+    probs, seeds = _probs_and_seeds(seed=1)
+    monkeypatch.setattr(hf._GroupDraws, "CLOSE", 1.0)  # every row a close call: every group drawn again
+    redraws = []
+    exponential = torch.Tensor.exponential_  # torch.multinomial below calls its own, not this attribute
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: redraws.append(1) or
+                        exponential(self, *a, **k))
+    draws = hf._GroupDraws(seeds, 3, torch.device("cpu"))
+    plain = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(3):
+        want = torch.cat([torch.multinomial(probs[g * 3:(g + 1) * 3], 1, generator=gen).squeeze(1)
+                          for g, gen in enumerate(plain)])
+        assert torch.equal(draws.multinomial(probs), want)
+    assert len(redraws) == 3 * len(seeds)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(draws.generators, plain))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_cache_grows_in_place_with_the_values_of_concatenation(monkeypatch, attention):
+    from sapo.engines import hf
+
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32).eval()
+    model.config._attn_implementation = attention
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    args = dict(group_size=4, max_new_tokens=9, temperature=1.0, top_p=1.0, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, seeds=list(range(5)), device=torch.device("cpu"))
+    pointers = []
+    handle = model.register_forward_hook(lambda m, args, kwargs, out: pointers.append(
+        {layer.keys.data_ptr() for layer in hf._returned_cache(out).layers}), with_kwargs=True)
+    tokens, logprobs = sample_groups(model, ids, **args)
+    handle.remove()
+    assert tokens.shape[1] > 2 and all(p == pointers[1] for p in pointers[1:])  # the same buffers at every step
+    monkeypatch.setattr(hf, "_preallocate", lambda cache, extra_tokens: None)
+    concatenated, concatenated_logprobs = sample_groups(model, ids, **args)
+    assert torch.equal(tokens, concatenated) and torch.equal(logprobs, concatenated_logprobs)
+
+
+def test_non_finite_logits_raise_as_multinomial_does():
+    tok = char_tokenizer()
+    model = tiny_causal_lm(tok, hidden_size=32).eval()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    with pytest.raises(RuntimeError, match="probability tensor contains either `inf`, `nan` or element < 0"):
+        sample_groups(model, ids, group_size=2, max_new_tokens=3, temperature=1.0, top_p=1.0,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seeds=list(range(5)),
+                      device=torch.device("cpu"))
+
+
+def test_a_bfloat16_model_on_a_cpu_decodes_with_a_4d_mask_and_the_same_draws(monkeypatch):
+    from sapo.engines import hf
+
+    tok = char_tokenizer()
+    policy = tiny_causal_lm(tok, hidden_size=32).eval()  # grouped-query attention: 4 heads, 2 key/value heads
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    args = dict(group_size=3, max_new_tokens=8, temperature=1.0, top_p=1.0, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, seeds=list(range(5)), device=torch.device("cpu"))
+    low = copy.deepcopy(policy).to(torch.bfloat16)
+    for model, decoding_mask_dims in ((policy, {2}), (low, {4})):
+        dims = []
+        handle = model.register_forward_pre_hook(lambda m, a, kw: dims.append(kw["attention_mask"].dim()),
+                                                 with_kwargs=True)
+        packed = sample_groups(model, ids, **args)
+        handle.remove()
+        assert dims[0] == 2 and set(dims[1:]) == decoding_mask_dims  # float32 keeps the 2D mask
+    # The prompts have different lengths, so transformers builds a mask of its own and packs the
+    # queries too: the same kernel on the same mask, the same numbers.
+    monkeypatch.setattr(hf, "_PACK_LOW_PRECISION", False)
+    plain = sample_groups(low, ids, **args)
+    assert torch.equal(packed[0], plain[0]) and torch.equal(packed[1], plain[1])
+
+
+def test_the_rollout_benchmark_splits_a_decoding_step():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "rollout.py"
+    done = subprocess.run([sys.executable, str(script), "--split", "--prompt-lengths", "8", "--prompts", "1",
+                           "--num-generations", "2", "--max-new-tokens", "3", "--repeats", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
+    split = {r[0]: r[1:] for r in (line.split() for line in done.stdout.splitlines()) if len(r) == 9}
+    for weights in ("float32", "bfloat16"):
+        prefill, forward, cache, sampling, noise, other, total, rate = map(float, split[weights])
+        assert min(prefill, forward, cache, sampling, noise) > 0 and noise < sampling and rate > 0
+        assert abs(prefill + forward + cache + sampling + other - total) < 1e-3 * total + 0.2
+    assert "lm_head" in rows and "all," in rows  # the bare matmuls

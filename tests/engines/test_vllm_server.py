@@ -188,3 +188,17 @@ def test_a_short_server_context_is_refused(base_config, workdir, serve):
     url = serve(workdir / "model", "--max-model-len", "8")
     with pytest.raises(ConfigError, match="max_model_len=8"):
         sapo.Trainer(_config(base_config, url)).train()
+
+
+def test_the_rollout_benchmark_times_the_server_engine(workdir, serve):
+    url = serve(workdir / "model")
+    script = ROOT / "benchmarks" / "rollout.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(workdir / "model"), "--vllm-server", url,
+                           "--prompt-lengths", "4", "--prompts", "2", "--num-generations", "2",
+                           "--max-new-tokens", "3", "--repeats", "1", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line.split() for line in done.stdout.splitlines() if "vllm server" in line)
+    tokens, seconds, rate = int(row[3]), float(row[4]), float(row[5])
+    assert 2 * 2 <= tokens <= 2 * 2 * 3 and seconds > 0 and rate > 0
+    assert _get(url, "/sapo_test/weights_digest")["updates"] == 0  # it samples the served weights, pushes none
