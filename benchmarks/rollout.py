@@ -107,7 +107,8 @@ def vllm_server_variant(url: str, model_path: str, model, max_model_len: int):
                             tensor_parallel_size=1, enable_sleep_mode=False, model=model_path,
                             max_model_len=max_model_len)
     engine = VLLMServerEngine(settings, tokenizer=AutoTokenizer.from_pretrained(model_path),
-                              sync_root=Path(tempfile.mkdtemp(prefix="sapo-rollout-bench-")), device=torch.device("cpu"))
+                              sync_root=Path(tempfile.mkdtemp(prefix="sapo-rollout-bench-")),
+                              device=torch.device("cpu"))
     engine.connect(model, fresh=True)
 
     def generate(model, prompts, G, max_new_tokens, eos, pad, device):
