@@ -89,6 +89,39 @@ def test_warmstart_writes_a_loadable_model_deterministically(tmp_path):
     assert result.returncode == 0 and (tmp_path / "c" / "model.safetensors").is_file()
 
 
+def test_warmstart_moe_is_deterministic_and_loads_as_qwen3_moe(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sapo.cli import main
+    from sapo.warmstart import warmstart
+
+    a = warmstart(tmp_path / "a", arch="qwen3_moe", steps=5, hidden_size=32, num_layers=1, progress=None)
+    b = warmstart(tmp_path / "b", arch="qwen3_moe", steps=5, hidden_size=32, num_layers=1, progress=None)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    model = AutoModelForCausalLM.from_pretrained(a)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and model.config.model_type == "qwen3_moe"
+    assert (model.config.num_experts, model.config.num_experts_per_tok, model.config.norm_topk_prob) == (4, 2, True)
+    assert model.config.output_router_logits is False  # the load-balancing loss is the trainer's choice
+    # The router learned: its weights moved from their initialisation.
+    fresh = warmstart(tmp_path / "c", arch="qwen3_moe", steps=0, hidden_size=32, num_layers=1, progress=None)
+    router = next(k for k in wa if k.endswith("mlp.gate.weight"))
+    assert not torch.equal(wa[router], load_file(fresh / "model.safetensors")[router])
+    assert main(["warmstart", "--arch", "qwen3_moe", "--out", str(tmp_path / "d"), "--steps", "1"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "d").config.num_hidden_layers == 4
+
+
+def test_eval_takes_a_shipped_models_name(tmp_path):
+    from sapo.cli import main
+    from sapo.demo import shipped_model_path
+
+    assert main(["eval", "moe-tiny", "--problems", "4", "--samples", "2", "--out", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["model"] == str(shipped_model_path("moe-tiny")) and result["problems"] == 4
+
+
 def test_train_without_a_config_runs_the_demo(tmp_path):
     from sapo.demo import demo_config, shipped_model_path
 

@@ -197,3 +197,24 @@ def test_a_merge_key_given_twice_is_named(tmp_path):
     path.write_text("task_kwargs:\n  <<: {digits: 1}\n  <<: {digits: 2}\n")
     with pytest.raises(ConfigError, match=r"'<<' is given twice \(lines 2 and 3\); merge several mappings"):
         TrainConfig.from_sources(path)
+
+
+def test_shipped_model_names_resolve_to_the_package_assets(tmp_path, monkeypatch):
+    from sapo.cli import _load_config
+    from sapo.demo import shipped_model_path
+
+    for name in ("arithmetic-tiny", "moe-tiny"):
+        config = TrainConfig.from_sources(None, [f"model={name}", "dataset=arithmetic", "reward_funcs=arithmetic"])
+        assert config.model == str(shipped_model_path(name)) and (shipped_model_path(name) / "config.json").is_file()
+        config.validate()
+        assert TrainConfig.from_dict(config.to_dict()) == config  # as config.yaml saves it
+    # On the command line a shipped model keeps the demo setting; another model does not.
+    demo = _load_config(["model=moe-tiny", "max_steps=3"])
+    assert demo.model == str(shipped_model_path("moe-tiny")) and demo.dataset == "arithmetic" and demo.max_steps == 3
+    assert _load_config([f"model={tmp_path}"]).dataset == ""
+    # A local directory of that name comes first.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "moe-tiny").mkdir()
+    assert TrainConfig(model="moe-tiny").model == "moe-tiny"
+    with pytest.raises(ConfigError, match="or name a shipped model: arithmetic-tiny, moe-tiny"):
+        TrainConfig(model="no-such-model", dataset="arithmetic", reward_funcs=["arithmetic"]).validate()

@@ -43,6 +43,34 @@ def test_shipped_model_loads_with_plain_transformers():
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
 
 
+def test_shipped_moe_is_the_warmstart_qwen3_moe_model_and_loads_with_plain_transformers():
+    from safetensors.torch import load_file
+
+    from sapo.model.tiny import char_tokenizer, tiny_causal_lm
+    from sapo.warmstart import ARCH_DEFAULTS
+
+    path = shipped_model_path("moe-tiny")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    # The configuration `sapo warmstart --arch qwen3_moe` builds (docs/demo.md has the command).
+    built = tiny_causal_lm(char_tokenizer(), "qwen3_moe", hidden_size=128, num_layers=4,
+                           **ARCH_DEFAULTS["qwen3_moe"]["model"]).config.to_dict()
+    shipped = model.config.to_dict()
+    for values in (built, shipped):  # what saving and loading add
+        for key in ("transformers_version", "dtype", "architectures", "_name_or_path"):
+            values.pop(key, None)
+    assert shipped == built and model.config.architectures == ["Qwen3MoeForCausalLM"]
+    c = model.config
+    assert (c.num_experts, c.num_experts_per_tok, c.num_hidden_layers, c.hidden_size) == (4, 2, 4, 128)
+    weights = load_file(path / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert (path / "model.safetensors").stat().st_size < 8_000_000
+    ids = tokenizer("12+34=", return_tensors="pt").input_ids
+    out = model.generate(ids, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().lstrip("+-").isdigit()
+
+
 def test_sapo_eval_reproduces_the_documented_starting_accuracy(tmp_path):
     out = tmp_path / "eval.json"
     result = subprocess.run([sys.executable, "-m", "sapo", "eval", str(shipped_model_path()), "--task", "arithmetic",

@@ -55,6 +55,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from rich.progress import Progress
 
+    from .config import resolve_model
     from .data import load_rows, prepare_prompts
     from .engines import HFEngine, SamplingSettings
     from .errors import ConfigError
@@ -63,6 +64,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .tasks import available_tasks, get_task
     from .training.evaluation import EvalSettings, evaluate
 
+    args.model = resolve_model(args.model)  # a shipped model's name, e.g. moe-tiny
     try:
         if args.samples < 1:
             raise ConfigError(f"--samples must be at least 1, got {args.samples}")
@@ -159,7 +161,7 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
     try:
         out = warmstart(args.out, task=args.task, task_kwargs=_kwargs(args.task_kwargs), steps=args.steps,
-                        seed=args.seed)
+                        seed=args.seed, arch=args.arch)
     except ValueError as err:
         print(f"sapo warmstart: error: {err}", file=sys.stderr)
         return 2
@@ -208,10 +210,11 @@ def _cmd_vllm_serve(args: argparse.Namespace) -> int:
 
 
 def _load_config(items: list[str], *, fixed_by: dict[str, str] | None = None):
-    """An optional leading CONFIG.yaml, then key=value overrides. When neither names a `model`
-    or a `dataset`, they apply on top of the built-in demo setting (sapo.demo). `fixed_by` maps
-    fields the command sets itself to the option that sets them: naming one is an error."""
-    from .config import TrainConfig, read_yaml_mapping
+    """An optional leading CONFIG.yaml, then key=value overrides. When neither names a `dataset`
+    nor a `model` other than a shipped one (model=moe-tiny), they apply on top of the built-in
+    demo setting (sapo.demo). `fixed_by` maps fields the command sets itself to the option that
+    sets them: naming one is an error."""
+    from .config import SHIPPED_MODELS, TrainConfig, read_yaml_mapping
     from .demo import demo_settings
     from .errors import ConfigError
 
@@ -228,6 +231,9 @@ def _load_config(items: list[str], *, fixed_by: dict[str, str] | None = None):
               "; ".join(f"{k}: {fixed_by[k]}" for k in dropped) + ")", file=sys.stderr)
         loaded = {k: v for k, v in loaded.items() if k not in dropped}
     named = overrides | set(loaded)
+    model = next((i.split("=", 1)[1] for i in reversed(items) if i.split("=", 1)[0] == "model"), loaded.get("model"))
+    if str(model).strip().strip("'\"") in SHIPPED_MODELS:
+        named = named - {"model"}  # a shipped model on the demo's task
     base = {} if named & {"model", "dataset"} else demo_settings()
     return TrainConfig.from_sources(None, items, base={**base, **loaded})
 
@@ -249,8 +255,8 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
         runs = runs_for(args)
         overridden = sorted({k for run in runs for k in run.overrides} & {i.split("=", 1)[0] for i in args.args})
         if overridden:
-            raise ConfigError(f"{', '.join(overridden)} is set for every run and varied by the "
-                              f"{'--loss-types' if args.command == 'compare' else '--grid'} option: "
+            option = "--grid" if args.command == "sweep" else "--arms" if args.arms else "--loss-types"
+            raise ConfigError(f"{', '.join(overridden)} is set for every run and varied by the {option} option: "
                               "give it in one place")
         dirs = run_all(base, runs, args.out or default_out)
         report = build_report(dirs, args.out or default_out, threshold=args.threshold, title=f"sapo {args.command}",
@@ -264,10 +270,29 @@ def _run_experiment(args: argparse.Namespace, runs_for, default_out: str) -> int
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .experiments.runs import compare_runs
+    from .experiments.runs import ARM_SPEC, arm_runs, compare_runs, parse_arms
 
-    return _run_experiment(args, lambda a: compare_runs(_csv(a.loss_types, str, "--loss-types"),
-                                                        _csv(a.seeds, int, "--seeds")), "outputs/compare")
+    if args.arms is not None:
+        # `--arms` takes every word after it: key=value overrides (and a CONFIG.yaml) given after
+        # the arms are the command's, not arms.
+        words = list(args.arms)
+        args.arms = [w for w in words if ARM_SPEC.match(w)]
+        rest = [w for w in words if not ARM_SPEC.match(w)]
+        args.args = [w for w in rest if "=" not in w] + list(args.args) + [w for w in rest if "=" in w]
+
+    def runs_for(a: argparse.Namespace):
+        from .errors import ConfigError
+
+        seeds = _csv(a.seeds, int, "--seeds")
+        if a.arms is None:
+            loss_types = "sapo,grpo,gspo" if a.loss_types is None else a.loss_types
+            return compare_runs(_csv(loss_types, str, "--loss-types"), seeds)
+        if a.loss_types is not None:
+            raise ConfigError("--arms and --loss-types both name the arms: give one (e.g. --arms sapo:loss_type=sapo "
+                              "grpo:loss_type=grpo)")
+        return arm_runs(parse_arms(a.arms), seeds)
+
+    return _run_experiment(args, runs_for, "outputs/compare")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -343,8 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model with SAPO / GRPO / GSPO",
                            description="sapo train [CONFIG.yaml] [key=value ...]: fields of the YAML file, "
                            "overridden by key=value pairs. --help-config lists every field. When neither names a "
-                           "model or a dataset, they apply on top of the built-in demo (SAPO on the arithmetic "
-                           "task from the shipped model); `sapo train` alone runs the demo.")
+                           "dataset or a model (other than a shipped one: model=arithmetic-tiny or model=moe-tiny), "
+                           "they apply on top of the built-in demo (SAPO on the arithmetic task from the shipped "
+                           "model); `sapo train` alone runs the demo, `sapo train model=moe-tiny` runs it on the "
+                           "shipped Mixture-of-Experts model.")
     train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
     train.add_argument("--help-config", action="store_true",
                        help="list every config field with its default and meaning")
@@ -352,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="Pass@1, Pass@k and greedy accuracy of a model on a built-in task")
-    ev.add_argument("model", help="model directory")
+    ev.add_argument("model", help="model directory (or a shipped model: arithmetic-tiny, moe-tiny)")
     ev.add_argument("--task", default="arithmetic")
     ev.add_argument("--samples", type=int, default=8, help="samples per problem (k of Pass@k)")
     ev.add_argument("--temperature", type=float, default=1.0)
@@ -397,21 +424,30 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list the built-in tasks with an example each")
     tasks.set_defaults(func=_cmd_tasks)
 
-    ws = sub.add_parser("warmstart", help="regenerate the shipped model: supervised warm start on a task")
+    ws = sub.add_parser("warmstart", help="regenerate a shipped model: supervised warm start on a task",
+                        description="sapo warmstart --out DIR: a tiny model trained from scratch by supervised "
+                        "fine-tuning on a task's train split. --arch llama made arithmetic-tiny, --arch qwen3_moe "
+                        "made moe-tiny (docs/demo.md).")
+    ws.add_argument("--arch", choices=["llama", "qwen3_moe"], default="llama",
+                    help="llama: dense (default); qwen3_moe: a Qwen3-MoE, top-2 of 4 experts per layer")
     ws.add_argument("--task", default="arithmetic")
     ws.add_argument("--out", required=True)
-    ws.add_argument("--steps", type=int, default=1300)
+    ws.add_argument("--steps", type=int, default=None, help="SFT steps (default: the arch's, see docs/demo.md)")
     ws.add_argument("--seed", type=int, default=0)
     ws.add_argument("--task-kwargs", nargs="*", metavar="key=value")
     ws.set_defaults(func=_cmd_warmstart)
 
-    for name, help_text in (("compare", "train each loss type for each seed, then write a report"),
+    for name, help_text in (("compare", "train each loss type (or named arm) for each seed, then write a report"),
                             ("sweep", "train each point of a grid of config values for each seed, then a report")):
         cmd = sub.add_parser(name, help=help_text, description=f"sapo {name} [CONFIG.yaml] [options] [key=value ...]. "
                              "Without CONFIG.yaml: the built-in demo setting. Finished runs are skipped on a rerun.")
         cmd.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
         if name == "compare":
-            cmd.add_argument("--loss-types", default="sapo,grpo,gspo", help="comma-separated (default: sapo,grpo,gspo)")
+            cmd.add_argument("--loss-types", default=None, help="comma-separated (default: sapo,grpo,gspo)")
+            cmd.add_argument("--arms", nargs="+", metavar="NAME:SPEC",
+                             help="named arms instead of --loss-types, each NAME:key=value[,key=value...] or "
+                             "NAME:file.yaml of overrides, e.g. --arms sapo:loss_type=sapo "
+                             "grpo_r2:examples/grpo_r2.yaml gspo:loss_type=gspo")
         else:
             cmd.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                              help="a config field and its values; repeat for a product grid")

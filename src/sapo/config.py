@@ -31,7 +31,19 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 ROLLOUT_ENGINES = ("hf", "vllm")
 VLLM_MODES = ("server", "colocate")
+ROUTING_REPLAYS = ("none", "r2", "r3")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
+SHIPPED_MODELS = ("arithmetic-tiny", "moe-tiny")  # in src/sapo/assets; `sapo warmstart` regenerates them
+
+
+def resolve_model(model: str) -> str:
+    """A shipped model's name -> its directory inside the package; anything else (or a name that
+    is also a local path here) unchanged."""
+    if model in SHIPPED_MODELS and not Path(model).exists():
+        from importlib.resources import files
+
+        return str(files(__package__) / "assets" / model)
+    return model
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -81,7 +93,8 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 class TrainConfig:
     # --- model and data ---
     model: str = ""
-    """Local path of a Hugging Face causal LM directory (anything AutoModelForCausalLM loads)."""
+    """Local path of a Hugging Face causal LM directory (anything AutoModelForCausalLM loads), or
+    a shipped model's name: "arithmetic-tiny" (dense) or "moe-tiny" (Qwen3-MoE)."""
     dataset: str = ""
     """A local .jsonl, .json or .parquet file with a `prompt` column, or a built-in task name."""
     dataset_format: str = "trl"
@@ -229,6 +242,16 @@ class TrainConfig:
     "seq-mean-token-sum-norm" (divides by max_completion_length)."""
     mask_truncated_completions: bool = False
     """Leave responses that hit max_completion_length out of the loss (they still get rewards)."""
+    routing_replay: str = "none"
+    """Mixture-of-Experts routing replay (docs/moe.md): "none"; "r2", the experts each token was
+    routed to in the behaviour pass (the forward that gives pi_old) are forced in every update
+    forward of that rollout batch, with the gate weights recomputed from the current router's
+    logits over them (the router still learns); "r3", the experts the rollout engine chose while
+    sampling are forced in the behaviour pass and the update. Needs a model whose routers sapo-rl
+    knows (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3 style)."""
+    router_aux_loss_coef: float = 0.0
+    """Weight of the MoE router's load-balancing loss (transformers' load_balancing_loss_func over
+    the update's router logits) added to the objective; logged as `moe/aux_loss`. 0: not computed."""
 
     # --- memory and scale (docs/scaling.md) ---
     fsdp: bool = False
@@ -293,6 +316,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = from_trl(f.name, getattr(self, f.name))
             object.__setattr__(self, f.name, _coerce(f.name, value, hints[f.name]))
+        object.__setattr__(self, "model", resolve_model(self.model))
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -393,6 +417,12 @@ class TrainConfig:
         _choice("dtype", self.dtype, DTYPES)
         _choice("optim", self.optim, OPTIMIZERS)
         _choice("param_dtype", self.param_dtype, PARAM_DTYPES)
+        _choice("routing_replay", self.routing_replay, ROUTING_REPLAYS)
+        if self.routing_replay == "r3" and self.rollout_engine == "vllm":
+            raise ConfigError("routing_replay=r3 with rollout_engine=vllm: the vllm engines do not return the experts "
+                              "they routed to yet; use routing_replay=r2 (the trainer's behaviour pass records them)")
+        _require(0 <= self.router_aux_loss_coef < math.inf, "router_aux_loss_coef", self.router_aux_loss_coef,
+                 "must be a finite number >= 0 (0: no load-balancing loss)")
         self._check_scaling()
         self._check_rollout_engine()
         _choice("dataset_format", self.dataset_format, ("trl", "gsm8k", "math"))
@@ -419,7 +449,8 @@ class TrainConfig:
                      "must be finite numbers")
         if not Path(self.model).exists():
             raise ConfigError(f"model={self.model!r}: no such local path. sapo-rl loads models from disk; "
-                              "point it at a directory saved with save_pretrained")
+                              "point it at a directory saved with save_pretrained (or name a shipped model: "
+                              f"{', '.join(SHIPPED_MODELS)})")
         if not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"model={self.model!r} is not a model directory (no config.json in it); point it at a "
                               "directory saved with save_pretrained")

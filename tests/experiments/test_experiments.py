@@ -190,3 +190,91 @@ def test_a_runs_own_config_can_be_the_base_of_a_comparison(tiny_base, tmp_path, 
     config = _load_config([str(saved), "max_steps=3"], fixed_by=RUN_FIELDS)
     assert (config.seed, config.resume_from_checkpoint, config.max_steps) == (0, None, 3)
     assert "note: output_dir, resume_from_checkpoint, seed from" in capsys.readouterr().err
+
+
+def test_arms_are_named_sets_of_overrides_from_key_values_or_a_yaml_file(tmp_path):
+    from sapo.experiments.runs import arm_runs, parse_arms
+
+    (tmp_path / "r2.yaml").write_text("loss_type: grpo\nepsilon_high: 0.27\n")
+    arms = parse_arms(["sapo:loss_type=sapo", f"grpo_r2:{tmp_path / 'r2.yaml'}", "base:",
+                       "wide:loss_type=grpo, epsilon=0.3,reward_funcs=[arithmetic, exact_match]"])
+    assert arms == {"sapo": {"loss_type": "sapo"}, "grpo_r2": {"loss_type": "grpo", "epsilon_high": 0.27}, "base": {},
+                    "wide": {"loss_type": "grpo", "epsilon": 0.3, "reward_funcs": ["arithmetic", "exact_match"]}}
+    runs = arm_runs(arms, [0, 1])
+    assert [(r.arm, r.seed) for r in runs][:3] == [("sapo", 0), ("sapo", 1), ("grpo_r2", 0)]
+    assert runs[2].overrides == {"loss_type": "grpo", "epsilon_high": 0.27}
+    assert runs[2].directory(tmp_path) == tmp_path / "grpo_r2" / "seed0"
+    # The shipped GRPO-R2 preset is an arm as it is.
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[2] / "examples" / "grpo_r2.yaml"
+    assert parse_arms([f"grpo_r2:{preset}"])["grpo_r2"] == {"loss_type": "grpo", "epsilon": 0.2, "epsilon_high": 0.27,
+                                                             "routing_replay": "r2"}
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["sapo"], "--arms 'sapo' is not NAME:key=value[,key=value...] or NAME:file.yaml"),
+    (["a/b:loss_type=sapo"], "is not NAME:key=value"),
+    (["a:loss_type=sapo", "a:loss_type=grpo"], "--arms a: the name is given twice"),
+    (["a:lr=1e-3"], "--arms a: unknown config field(s): 'lr'"),
+    (["a:learning_rate=fast"], "--arms a: learning_rate must be a number"),
+    (["a:loss_type=sapo,loss_type=grpo"], "--arms a: loss_type is given twice"),
+    (["a:max_steps=[1"], "--arms a: max_steps=[1: the value is not valid YAML"),
+    (["a:seed=1"], "--arms a: seed is set by the command for each run (give the seeds with --seeds)"),
+    (["a:output_dir=x"], "--arms a: output_dir is set by the command"),
+    (["a:resume_from_checkpoint=latest"], "--arms a: resume_from_checkpoint is set by the command"),
+    (["a:missing.yaml"], "--arms a: config file 'missing.yaml' does not exist"),
+    (["a:LIST"], "--arms a: config file"),  # a YAML list, written below
+])
+def test_bad_arm_specs_are_one_line_errors_naming_the_arm(specs, message, tmp_path, monkeypatch):
+    from sapo.experiments.runs import parse_arms
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "LIST").write_text("- loss_type: sapo\n")
+    with pytest.raises(sapo.ConfigError) as err:
+        parse_arms(specs)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    if specs == ["a:LIST"]:
+        assert "expected a mapping of field: value" in str(err.value)
+
+
+def test_an_arms_invalid_value_is_named_before_any_run(tiny_base, tmp_path):
+    from sapo.experiments.runs import Run
+
+    runs = [Run("fine", 0, {"loss_type": "sapo"}), Run("typo", 0, {"loss_type": "grpp"})]
+    with pytest.raises(sapo.ConfigError, match=r"^arm 'typo': loss_type='grpp' is not one of"):
+        run_all(tiny_base, runs, tmp_path)
+    with pytest.raises(sapo.ConfigError, match=r"^num_generations=1 must be at least 2"):  # the base's own problem
+        run_all({**tiny_base, "num_generations": 1}, runs, tmp_path)
+    assert not (tmp_path / "fine").exists()
+
+
+def test_compare_arms_on_the_command_line(tmp_path, monkeypatch, capsys):
+    import sapo.experiments.report
+    from sapo.cli import main
+
+    seen = {}
+    monkeypatch.setattr(sapo.experiments.runs, "run_all", lambda base, runs, out: seen.update(base=base, runs=runs))
+    monkeypatch.setattr(sapo.experiments.report, "build_report", lambda *a, **k: tmp_path / "report.md")
+    preset = "examples/grpo_r2.yaml"
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[2])
+    # Overrides after the arms are the command's, not arms.
+    assert main(["compare", "--arms", "sapo:loss_type=sapo", f"grpo_r2:{preset}", "gspo:loss_type=gspo,tau_neg=2",
+                 "max_steps=7", "--seeds", "0,1", "--out", str(tmp_path)]) == 0
+    assert seen["base"]["max_steps"] == 7 and seen["base"]["dataset"] == "arithmetic"
+    assert [(r.arm, r.seed) for r in seen["runs"]] == [(a, s) for a in ("sapo", "grpo_r2", "gspo") for s in (0, 1)]
+    assert seen["runs"][2].overrides["routing_replay"] == "r2" and seen["runs"][4].overrides["tau_neg"] == 2
+    # --loss-types as before.
+    assert main(["compare", "--seeds", "0", "--out", str(tmp_path)]) == 0
+    assert [r.overrides for r in seen["runs"]] == [{"loss_type": t} for t in ("sapo", "grpo", "gspo")]
+    capsys.readouterr()
+    cases = [
+        (["--arms", "a:loss_type=sapo", "--loss-types", "sapo"], "--arms and --loss-types both name the arms"),
+        (["--arms", "a:loss_type=sapo", "loss_type=grpo"],
+         "loss_type is set for every run and varied by the --arms option"),
+        (["--arms", "a:seed=3"], "--arms a: seed is set by the command"),
+    ]
+    for argv, message in cases:
+        assert main(["compare", *argv, "--out", str(tmp_path)]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)

@@ -58,6 +58,7 @@ def runs(workdir, moe_model, tmp_path_factory):
         "dense_gc": base(workdir, dense, root / "dense_gc", **fsdp, gradient_checkpointing=True),
         "moe": base(workdir, moe_model, root / "moe", **fsdp),
         "moe_gc": base(workdir, moe_model, root / "moe_gc", **fsdp, gradient_checkpointing=True),
+        "moe_r2": base(workdir, moe_model, root / "moe_r2", **fsdp, gradient_checkpointing=True, routing_replay="r2"),
         "bf16": base(workdir, dense, root / "bf16", **fsdp, param_dtype="bfloat16"),
         "adam4": base(workdir, dense, root / "adam4", **adam, max_steps=4),
         "adam2": base(workdir, dense, root / "adam22", **adam),
@@ -93,8 +94,8 @@ def start_fake_vllm_server(model, port_file: Path) -> subprocess.Popen:
     return proc
 
 
-def one_process(workdir, model, out):
-    sapo.Trainer(sapo.TrainConfig(**base(workdir, model, out))).train()
+def one_process(workdir, model, out, **changes):
+    sapo.Trainer(sapo.TrainConfig(**base(workdir, model, out, **changes))).train()
     return weights(out / "checkpoint-2")
 
 
@@ -127,6 +128,15 @@ def test_two_sharded_processes_match_one_moe(runs, workdir, moe_model, tmp_path)
     for name in ("moe", "moe_gc"):
         assert found[name]["sharded"]
         assert_same_update(load_file(root / f"{name}.safetensors"), expected, start)
+
+
+def test_two_sharded_processes_match_one_with_moe_routing_replay(runs, workdir, moe_model, tmp_path):
+    root, found = runs
+    expected = one_process(workdir, moe_model, tmp_path / "one", routing_replay="r2")
+    assert found["moe_r2"]["sharded"]
+    assert_same_update(load_file(root / "moe_r2.safetensors"), expected, weights(moe_model))
+    last = json.loads((root / "moe_r2" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "moe/routing_changed_frac/minibatch_2" in last and 0 < last["moe/load_entropy"] <= 1
 
 
 def test_bfloat16_parameters_train_with_float32_masters_close_to_float32(runs):

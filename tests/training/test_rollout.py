@@ -52,9 +52,10 @@ def test_a_group_depends_on_the_seed_step_and_its_global_position_only():
 def test_pi_old_is_only_computed_when_the_policy_can_move():
     model, engine, prompts, settings = setup()
     out = sample(engine, prompts, [0, 1], settings, step=0, first_position=0)
-    assert behaviour_logprobs(model, out, dataclasses.replace(settings, needs_old_logprobs=False)) is None
-    assert behaviour_logprobs(model, out, settings) is out.sampling_logprobs
-    recomputed = behaviour_logprobs(model, out, dataclasses.replace(settings, use_rollout_logprobs=False))
+    assert behaviour_logprobs(model, out, dataclasses.replace(settings, needs_old_logprobs=False)) == (None, None)
+    assert behaviour_logprobs(model, out, settings)[0] is out.sampling_logprobs
+    recomputed, routing = behaviour_logprobs(model, out, dataclasses.replace(settings, use_rollout_logprobs=False))
+    assert routing is None  # a dense model
     assert recomputed is not out.sampling_logprobs
     torch.testing.assert_close(recomputed, batched_logprobs(model, out, settings.forward))
     mask = out.completion_mask.bool()

@@ -158,7 +158,8 @@ def test_each_view_holds_its_config_fields(base_config, bit):
                               "max_nonfinite_steps": 31, "reward_weights": [0.37], "scale_rewards": "batch",
                               "eval_num_generations": 41, "loss_type": "grpo", "tau_pos": 0.43, "tau_neg": 0.47,
                               "epsilon": 0.053, "epsilon_high": 0.059, "beta": 0.61, "aggregation": "token-mean",
-                              "max_tokens_per_micro_batch": 67, "fsdp": True, "param_dtype": "bfloat16"})
+                              "max_tokens_per_micro_batch": 67, "fsdp": True, "param_dtype": "bfloat16",
+                              "routing_replay": "r2", "router_aux_loss_coef": 0.71})
     views = RunSettings.from_config(cfg)
     sampling = SamplingSettings(max_new_tokens=11, temperature=0.9, top_p=0.8, max_num_seqs=13)
     forward = ForwardSettings(temperature=0.9, chunk_size=17, padding_free=flags["padding_free"], micro_batch_size=7,
@@ -166,8 +167,11 @@ def test_each_view_holds_its_config_fields(base_config, bit):
     assert views.model == ModelSettings(fsdp=True, param_dtype="bfloat16", cpu_offload=flags["cpu_offload"],
                                         gradient_checkpointing=flags["gradient_checkpointing"])
     rollout = views.rollout
-    assert (rollout.group_size, rollout.sampling, rollout.forward, rollout.seed) == (3, sampling, forward, 19)
-    assert rollout.use_rollout_logprobs == flags["use_rollout_logprobs"]
+    # The engine's routing is the behaviour routing where its log-probabilities are pi_old.
+    routed = dataclasses.replace(sampling, return_routed_experts=flags["use_rollout_logprobs"])
+    assert (rollout.group_size, rollout.sampling, rollout.forward, rollout.seed) == (3, routed, forward, 19)
+    assert rollout.use_rollout_logprobs == flags["use_rollout_logprobs"] and rollout.routing_replay == "r2"
+    assert (views.update.routing_replay, views.update.router_aux_loss_coef) == ("r2", 0.71)
     assert views.rewards == RewardSettings(weights=(0.37,), skip_errors=flags["skip_reward_errors"])
     assert (views.advantage.group_size, views.advantage.scale) == (3, "batch")
     update = views.update

@@ -25,6 +25,9 @@ class SamplingSettings:
     """Nucleus sampling mass (1.0: off)."""
     max_num_seqs: int = 0
     """Most sequences decoded in one batch, rounded down to whole groups (0: all at once)."""
+    return_routed_experts: bool = False
+    """Ask a mixture-of-experts engine for the experts it routed each token to (routing replay);
+    an engine that cannot leaves `Generation.routed_experts` None."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,11 @@ class Generation:
     padding; None where the engine has none (greedy decoding, a fallback path). The hf engine's
     are before top-p; vLLM's (processed_logprobs) after it, renormalised."""
     routed_experts: Tensor | None = None
-    """(B, T, layers, k) the experts a mixture-of-experts engine routed each drawn token to, for
-    routing replay; None where the engine does not report them (the hf engine today)."""
+    """(B, S, layers, k) the experts a mixture-of-experts engine routed each token to, for routing
+    replay: position s of sample b is the s-th token of its unpadded sequence (prompt, then
+    completion), layers are the MoE layers in order, -1 where unknown (S = longest prompt +
+    max_new_tokens). None where not asked for (`return_routed_experts`) or not reported: the hf
+    engine reports them (its fallback path does not); the vLLM engines do not yet."""
 
     @property
     def finish_reasons(self) -> list[str]:

@@ -24,6 +24,7 @@ with `synced_gpus`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -34,6 +35,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from ..model.loading import forward_keeping_logits
+from ..model.routing import MoERouting, RoutingCall, RoutingTable, TokenAddresses
 from .base import Generation, SamplingSettings
 
 
@@ -53,6 +55,7 @@ class HFEngine:
         self.lockstep = lockstep
         self.dtype = dtype
         self._copy = None
+        self._routing: MoERouting | None = None
 
     def sync(self, model, version: int | None = None) -> None:
         if self.dtype is None:
@@ -83,6 +86,7 @@ class HFEngine:
             raise ValueError("generate: no prompts")
         model, pad = self.model, self.pad_token_id
         per_batch = max(1, sampling.max_num_seqs // group_size) if sampling.max_num_seqs else len(prompt_ids)
+        routing, table = self._routing_table(model, prompt_ids, group_size, sampling)
         was_training = model.training
         model.eval()
         try:
@@ -92,7 +96,12 @@ class HFEngine:
                              group_size=group_size, max_new_tokens=sampling.max_new_tokens,
                              temperature=sampling.temperature, top_p=sampling.top_p, eos_token_id=self.eos_token_id,
                              pad_token_id=pad, device=self.device, lockstep=self.lockstep)
-                part = sample_groups(model, **batch) if self.shared_prefill else None
+                rows = torch.arange(start * group_size, (start + len(batch["prompt_ids"])) * group_size)
+                call = None if table is None else RoutingCall("record", table, rows.to(self.device))
+                with routing.active(call) if call is not None else contextlib.nullcontext():
+                    part = sample_groups(model, **batch, routing=call) if self.shared_prefill else None
+                if part is None:
+                    table = None  # the fallback records nothing
                 parts.append(part if part is not None else _generate_per_group(model, **batch))
         finally:
             model.train(was_training)
@@ -111,7 +120,23 @@ class HFEngine:
         ids_BT = torch.where(mask_BT.bool(), tokens_BT[:, :width].to(self.device), pad)
         if logprobs_BT is not None:
             logprobs_BT = torch.where(mask_BT.bool(), logprobs_BT[:, :width].to(self.device), 0.0)
-        return Generation(ids_BT, mask_BT, truncated.to(self.device), logprobs_BT)
+        return Generation(ids_BT, mask_BT, truncated.to(self.device), logprobs_BT,
+                          routed_experts=None if table is None else table.to_engine())
+
+    def _routing_table(self, model, prompt_ids: list[list[int]], group_size: int,
+                       sampling: SamplingSettings) -> tuple[MoERouting | None, RoutingTable | None]:
+        """Hooks on the sampling model's MoE routers and an empty table for this call's tokens,
+        where routed experts are asked for and the model has routers sapo-rl knows."""
+        if not sampling.return_routed_experts:
+            return None, None
+        if self._routing is None or self._routing.model is not model:
+            if self._routing is not None:
+                self._routing.close()
+            self._routing = MoERouting(model)
+        if not self._routing.routers:
+            return None, None
+        positions = max(len(ids) for ids in prompt_ids) + sampling.max_new_tokens
+        return self._routing, self._routing.new_table(len(prompt_ids) * group_size, positions, self.device)
 
 
 def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
@@ -128,12 +153,13 @@ def top_p_filter(scores: Tensor, top_p: float) -> Tensor:
 @torch.no_grad()
 def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_new_tokens: int, temperature: float,
                   top_p: float, eos_token_id: int, pad_token_id: int, seeds: list[int], device: torch.device,
-                  lockstep: bool = False) -> tuple[Tensor, Tensor | None] | None:
+                  lockstep: bool = False, routing: RoutingCall | None = None) -> tuple[Tensor, Tensor | None] | None:
     """(Q * G, T) sampled tokens for Q prompts and G = group_size, T <= max_new_tokens, rows of a group adjacent,
     pad after EOS; temperature 0 is greedy. Also their log-probabilities under the model at the
     sampling temperature (without top-p: the policy pi / T that the update differentiates), (Q*G, T)
     float32, or None when greedy. None if the model's cache cannot be expanded (the caller then
-    falls back to `model.generate`). The model must be in eval mode."""
+    falls back to `model.generate`). The model must be in eval mode. `routing`: a recording MoE
+    routing call (routing.py) whose samples are these Q * G rows, bound to each pass's tokens."""
     Q, G = len(prompt_ids), group_size
     P = max(len(ids) for ids in prompt_ids)
     # Left-pad so every prompt ends at the same column and the new tokens line up.
@@ -146,6 +172,8 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
 
     # Prefill: one pass per prompt, not per sample.
+    if routing is not None:
+        routing.bind(TokenAddresses.prefill(mask, positions, G))
     out = forward_keeping_logits(model, 1, input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                  use_cache=True)
     cache = _returned_cache(out)
@@ -172,6 +200,8 @@ def sample_groups(model, prompt_ids: list[list[int]], *, group_size: int, max_ne
         unfinished &= next_tokens != eos_token_id
         if t == max_new_tokens - 1 or not _any_unfinished(unfinished, lockstep):
             break
+        if routing is not None:
+            routing.bind(TokenAddresses.step(next_position[:, 0]))
         step_mask = full_mask[:, :P + t + 1]
         if four_d:
             step_mask = step_mask[:, None, None, :].bool()

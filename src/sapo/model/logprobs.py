@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .chunked_logprobs import token_logprobs
 from .loading import forward_keeping_logits
 from .packing import pack_rows
+from .routing import RoutingCall, TokenAddresses
 from .sharding import compute_dtype, is_sharded
 
 
@@ -36,7 +37,7 @@ class ForwardSettings:
 
 def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
                         completion_mask: Tensor, forward: ForwardSettings = ForwardSettings(), *,
-                        with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                        with_entropy: bool = False, routing: RoutingCall | None = None) -> tuple[Tensor, Tensor | None]:
     """log pi(completion token | prefix) at the sampling temperature, (B, T) float32.
 
     Prompts are left-padded, completions right-padded; positions come from the attention mask
@@ -47,7 +48,8 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     use (checked once per model). With 0 < `forward.chunk_size` < V and a plain linear output layer,
     that layer runs as `token_logprobs` over vocabulary chunks of that size: no (tokens, V)
     logits. The forward still goes through `model` itself (a DDP/FSDP wrapper's hooks fire).
-    The entropy (B, T), if asked, carries no gradient. Padding positions hold 0.
+    The entropy (B, T), if asked, carries no gradient. Padding positions hold 0. `routing`: a
+    MoE routing call (routing.py), bound to the chosen layout's token addresses for the pass.
     """
     layout = _padded_layout(prompt_ids, prompt_mask, completion_ids, completion_mask)
     packed = None
@@ -58,6 +60,8 @@ def completion_logprobs(model, prompt_ids: Tensor, prompt_mask: Tensor, completi
     if packed is not None and _packing_verified(model, layout, *packed, completion_ids, completion_mask,
                                                 forward.temperature, forward.chunk_size):
         layout = packed[0]
+    if routing is not None:
+        routing.bind(layout.addresses())
     return _logprobs(model, layout, completion_ids, completion_mask, forward.temperature, with_entropy,
                      forward.chunk_size)
 
@@ -67,6 +71,7 @@ class _Layout:
     kwargs: dict  # the model's inputs
     keep: int  # logits_to_keep: the last positions the output layer needs
     select: Callable[[Tensor], Tensor]  # (R, >= keep, ...) -> (N, ...): the positions predicting the completion tokens
+    addresses: Callable[[], TokenAddresses]  # the (sample, position) of each input token, for MoE routing
 
 
 def _padded_layout(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> _Layout:
@@ -77,7 +82,8 @@ def _padded_layout(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tens
     mask = completion_mask.bool()
     # The logit at position p predicts token p + 1.
     return _Layout(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False),
-                   T + 1, lambda x: x[:, -(T + 1):-1][mask])
+                   T + 1, lambda x: x[:, -(T + 1):-1][mask],
+                   lambda: TokenAddresses.padded(attention_mask, position_ids))
 
 
 def _packed_layout(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
@@ -95,7 +101,8 @@ def _packed_layout(model, prompt_ids: Tensor, prompt_mask: Tensor, completion_id
     cols = rows.cols_N - L  # from the end: valid whether or not the model honoured logits_to_keep
     kwargs = dict(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False,
                   attention_mask=rows.attention_mask(_MASK_DTYPE[implementation]))
-    return _Layout(kwargs, L - rows.first_needed_column, lambda x: x[rows.rows_N, cols]), rows.shared
+    return _Layout(kwargs, L - rows.first_needed_column, lambda x: x[rows.rows_N, cols],
+                   lambda: TokenAddresses.packed(rows.segments, rows.position_ids, rows.row_samples)), rows.shared
 
 
 # Attention implementations that take a custom 4D mask as it is: sdpa as booleans, eager added to the scores.

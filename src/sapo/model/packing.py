@@ -36,6 +36,7 @@ class PackedRows:
     rows_N: Tensor  # (N,) for each completion token (in completion_mask order): row of the position predicting it
     cols_N: Tensor  # (N,) and its column
     shared: bool  # some row holds more than one sample
+    row_samples: list[list[int]] | None = None  # the samples of each row, whose prompt it holds
 
     @property
     def first_needed_column(self) -> int:
@@ -109,7 +110,8 @@ def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
     # (numpy turns nested lists into an array several times faster than torch.tensor does)
     as_tensor = lambda x: torch.from_numpy(np.array(x, dtype=np.int64)).to(prompt_ids.device)  # noqa: E731
     return PackedRows(as_tensor(input_ids).to(prompt_ids.dtype), as_tensor(position_ids), as_tensor(segments),
-                      as_tensor(rows_N), as_tensor(cols_N), shared=any(len(samples) > 1 for samples in rows))
+                      as_tensor(rows_N), as_tensor(cols_N), shared=any(len(samples) > 1 for samples in rows),
+                      row_samples=rows)
 
 
 # The cost model behind the choice, in units of one token through the layers whose cost per

@@ -4,6 +4,7 @@ behaviour policy (pi_old) and of the reference policy where they are needed."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor
 from ..data import PromptSet, derive_seed
 from ..engines import Generation, RolloutEngine, SamplingSettings
 from ..model.logprobs import ForwardSettings, completion_logprobs
+from ..model.routing import MoERouting, RoutingCall, RoutingTable
 from . import micro_batches
 
 
@@ -33,6 +35,8 @@ class RolloutSettings:
     seed: int
     """The run's seed: each group samples under a seed derived from it, the step and the group's
     position in the step's global batch."""
+    routing_replay: str = "none"
+    """MoE routing replay (routing_replay): "r3" replays the engine's routing in the behaviour pass."""
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Rollout:
     sampling_logprobs: Tensor | None = None  # (B, T) pi / T of each token as computed while sampling, if known
     step: int = 0  # the rollout step it was sampled at (0-based)
     first_position: int = 0  # position of its first prompt in the step's global batch (other processes hold the rest)
+    routing: RoutingTable | None = None  # MoE: the behaviour routing of every token (the engine's, or pi_old's pass)
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -70,7 +75,9 @@ class Rollout:
         return cls(prompt_ids=prompt_BP.to(device), prompt_mask=prompt_mask_BP.to(device),
                    completion_ids=generation.completion_ids, completion_mask=generation.completion_mask,
                    truncated=generation.truncated, row_indices=[r for r in rows for _ in range(G)],
-                   sampling_logprobs=generation.logprobs, step=step, first_position=first_position)
+                   sampling_logprobs=generation.logprobs, step=step, first_position=first_position,
+                   routing=None if generation.routed_experts is None
+                   else RoutingTable.from_engine(generation.routed_experts))
 
     def trimmed(self) -> "Rollout":
         """The same samples without the prompt columns (left) and completion columns (right)
@@ -81,14 +88,15 @@ class Rollout:
         cut = lambda t: None if t is None else t[:, :t1]  # noqa: E731
         return Rollout(self.prompt_ids[:, p0:], self.prompt_mask[:, p0:], self.completion_ids[:, :t1],
                        self.completion_mask[:, :t1], self.truncated, self.row_indices, cut(self.old_logprobs),
-                       cut(self.ref_logprobs), cut(self.sampling_logprobs), self.step, self.first_position)
+                       cut(self.ref_logprobs), cut(self.sampling_logprobs), self.step, self.first_position,
+                       self.routing)
 
     def select(self, idx: list[int]) -> "Rollout":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
                        self.completion_mask[idx], self.truncated[idx], [self.row_indices[i] for i in idx],
                        pick(self.old_logprobs), pick(self.ref_logprobs), pick(self.sampling_logprobs),
-                       self.step, self.first_position)
+                       self.step, self.first_position, None if self.routing is None else self.routing.select(idx))
 
 
 def micro_batch(rollout: Rollout, idx: list[int], forward: ForwardSettings) -> Rollout:
@@ -108,28 +116,46 @@ def sample(engine: RolloutEngine, prompts: PromptSet, rows: list[int], settings:
     return Rollout.from_generation(generation, prompts, rows, step=step, first_position=first_position)
 
 
-def behaviour_logprobs(policy, rollout: Rollout, settings: RolloutSettings) -> Tensor | None:
-    """pi_old for the update: None when it cannot differ from the update's own log-probabilities
-    (one minibatch, one pass), else the engine's (use_rollout_logprobs, and only where the engine
-    is the training forward: the same model and weights in eval mode, where only batching and
-    KV-cache numerics differ), else a forward pass."""
+def behaviour_logprobs(policy, rollout: Rollout, settings: RolloutSettings,
+                       routing: MoERouting | None = None) -> tuple[Tensor | None, RoutingTable | None]:
+    """pi_old for the update and the routing of the pass that gave it (a MoE policy), or None.
+
+    pi_old is None when it cannot differ from the update's own log-probabilities (one minibatch,
+    one pass: no routing either, the update's forward is the behaviour pass), else the engine's
+    (use_rollout_logprobs, and only where the engine is the training forward: the same model and
+    weights in eval mode, where only batching and KV-cache numerics differ; its routing is the
+    engine's), else a forward pass, which records its routing, or with routing_replay=r3
+    replays the engine's."""
+    engine_routing = rollout.routing
     if not settings.needs_old_logprobs:
-        return None
+        return None, engine_routing if settings.routing_replay == "r3" else None
     if settings.use_rollout_logprobs and rollout.sampling_logprobs is not None:
-        return rollout.sampling_logprobs
-    return batched_logprobs(policy, rollout, settings.forward)
+        return rollout.sampling_logprobs, engine_routing
+    if routing is None or not routing.routers:
+        return batched_logprobs(policy, rollout, settings.forward), None
+    if settings.routing_replay == "r3":
+        return batched_logprobs(policy, rollout, settings.forward, routing=routing, mode="replay"), engine_routing
+    table = routing.new_table(len(rollout), rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1],
+                              rollout.completion_ids.device)
+    return batched_logprobs(policy, rollout, settings.forward, routing=routing, table=table), table
 
 
 @torch.no_grad()
-def batched_logprobs(model, rollout: Rollout, forward: ForwardSettings) -> Tensor:
-    """(B, T) log-probabilities of the rollout's completions, in eval mode (no dropout)."""
+def batched_logprobs(model, rollout: Rollout, forward: ForwardSettings, *, routing: MoERouting | None = None,
+                     mode: str = "record", table: RoutingTable | None = None) -> Tensor:
+    """(B, T) log-probabilities of the rollout's completions, in eval mode (no dropout). With
+    `routing`, each pass records its routing into `table`, or (mode "replay") forces the rollout's."""
     was_training = model.training
     model.eval()
     logp_BT = torch.zeros(rollout.completion_ids.shape, dtype=torch.float32, device=rollout.completion_ids.device)
     lengths = micro_batches.sample_lengths(rollout.prompt_mask, rollout.completion_mask)
     for idx in micro_batches.split(list(range(len(rollout))), lengths, forward, rollout.completion_ids.device):
         part = micro_batch(rollout, idx, forward)
-        logp_BT[idx, :part.completion_ids.shape[1]], _ = completion_logprobs(
-            model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask, forward)
+        call = None if routing is None else RoutingCall(mode, table if mode == "record" else rollout.routing,
+                                                        torch.tensor(idx, device=logp_BT.device))
+        with routing.active(call) if call is not None else contextlib.nullcontext():
+            logp_BT[idx, :part.completion_ids.shape[1]], _ = completion_logprobs(
+                model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask, forward,
+                routing=call)
     model.train(was_training)
     return logp_BT

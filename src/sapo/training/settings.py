@@ -4,6 +4,7 @@ whole. This is the one place where config fields are handed to the knobs of the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..algorithms import LossSettings
@@ -41,6 +42,7 @@ class RunSettings:
                             epsilon_high=cfg.epsilon_high, beta=cfg.beta, aggregation=cfg.aggregation,
                             max_tokens=cfg.max_completion_length)
         weights = None if cfg.reward_weights is None else tuple(cfg.reward_weights)
+        needs_old_logprobs = cfg.num_minibatches > 1 or cfg.num_iterations > 1
         # The engine is the training forward only when it samples with the float32 policy itself.
         exact_engine = cfg.rollout_engine == "hf" and cfg.rollout_dtype == "float32"
         correct = (not exact_engine) if cfg.vllm_importance_sampling_correction is None \
@@ -54,13 +56,19 @@ class RunSettings:
                             tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                             enable_sleep_mode=cfg.vllm_enable_sleep_mode, model=cfg.model,
                             max_model_len=cfg.max_prompt_length + cfg.max_completion_length)
+        use_rollout_logprobs = cfg.use_rollout_logprobs and exact_engine
+        # The engine's routing is the behaviour routing where its log-probabilities are pi_old (r2),
+        # and what r3 replays; a dense model's engine finds no routers and reports none.
+        routed = cfg.routing_replay == "r3" or (needs_old_logprobs and use_rollout_logprobs)
         return cls(
             engine=EngineSettings(name=cfg.rollout_engine, dtype=cfg.rollout_dtype, vllm=vllm),
             model=ModelSettings(fsdp=cfg.fsdp, param_dtype=cfg.param_dtype, cpu_offload=cfg.cpu_offload,
                                 gradient_checkpointing=cfg.gradient_checkpointing),
-            rollout=RolloutSettings(group_size=cfg.num_generations, sampling=sampling, forward=forward,
-                                    needs_old_logprobs=cfg.num_minibatches > 1 or cfg.num_iterations > 1,
-                                    use_rollout_logprobs=cfg.use_rollout_logprobs and exact_engine, seed=cfg.seed),
+            rollout=RolloutSettings(group_size=cfg.num_generations,
+                                    sampling=dataclasses.replace(sampling, return_routed_experts=routed),
+                                    forward=forward, needs_old_logprobs=needs_old_logprobs,
+                                    use_rollout_logprobs=use_rollout_logprobs, routing_replay=cfg.routing_replay,
+                                    seed=cfg.seed),
             rewards=RewardSettings(weights=weights, skip_errors=cfg.skip_reward_errors),
             advantage=AdvantageSettings(group_size=cfg.num_generations, scale=cfg.scale_rewards),
             update=UpdateSettings(group_size=cfg.num_generations, num_minibatches=cfg.num_minibatches,
@@ -68,7 +76,8 @@ class RunSettings:
                                   max_nonfinite_steps=cfg.max_nonfinite_steps,
                                   mask_truncated_completions=cfg.mask_truncated_completions, seed=cfg.seed,
                                   learning_rate=cfg.learning_rate, loss=loss, forward=forward, correction=correction,
-                                  track_mismatch=correction is not None or not exact_engine),
+                                  track_mismatch=correction is not None or not exact_engine,
+                                  routing_replay=cfg.routing_replay, router_aux_loss_coef=cfg.router_aux_loss_coef),
             evaluation=EvalSettings(samples=cfg.eval_num_generations, greedy=cfg.eval_greedy, sampling=sampling,
                                     rewards=RewardSettings(weights=weights, skip_errors=True), seed=cfg.seed),
         )

@@ -29,6 +29,7 @@ from ..model.loading import (
     mixed_precision,
 )
 from ..model.logprobs import settle_padding_free
+from ..model.routing import MoERouting, check_routing_support, find_routers
 from ..model.sharding import enable_gradient_checkpointing, load_sharded
 from ..rewards import check_signature, load_reward_function
 from . import evaluation
@@ -108,8 +109,10 @@ class Trainer:
                                   num_training_steps=config.max_steps * updates_per_step)
         if not config.fsdp:  # a sharded model is FSDP's already: accelerate would wrap it in DDP
             model, optimizer = self.acc.prepare(model, optimizer)
-        self.state = PolicyState(model, optimizer, scheduler, self.acc)
         acc = self.acc
+        policy = acc.unwrap_model(model)
+        check_routing_support(policy, config.routing_replay, config.router_aux_loss_coef)
+        self.state = PolicyState(model, optimizer, scheduler, acc, MoERouting(policy) if find_routers(policy) else None)
         self.engine = build_engine(self.settings.engine, EngineContext(
             model=acc.unwrap_model(model), tokenizer=self.tokenizer, device=acc.device,
             sync_root=Path(config.output_dir), lockstep=config.fsdp, process_index=acc.process_index,
@@ -317,7 +320,12 @@ class Trainer:
         self.engine.sync(policy, version=self.state.optimizer_steps)
         with self.acc.autocast():
             rollout = sample(self.engine, self.train_set, rows, self.settings.rollout, step=step, first_position=first)
-            rollout.old_logprobs = behaviour_logprobs(policy, rollout, self.settings.rollout)
+            rollout.old_logprobs, rollout.routing = behaviour_logprobs(policy, rollout, self.settings.rollout,
+                                                                       self.state.routing)
+            if self.config.routing_replay == "r3" and rollout.routing is None:
+                raise ConfigError("routing_replay=r3: the rollout engine reported no routed experts (the hf engine's "
+                                  "fallback to model.generate records none; the vllm engines return none yet); use "
+                                  "routing_replay=r2")
             if self.ref_model is not None:
                 rollout.ref_logprobs = batched_logprobs(self.ref_model, rollout, self.settings.rollout.forward)
         return rollout

@@ -3,6 +3,7 @@ each, `num_iterations` times. Later minibatches are off-policy: that is where th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import defaultdict
@@ -18,6 +19,7 @@ from ..algorithms.policy_loss import unmasked_nonfinite
 from ..data import derive_seed
 from ..errors import NonFiniteUpdateError
 from ..model.logprobs import ForwardSettings, completion_logprobs
+from ..model.routing import MoERouting, RoutingCall, RoutingStats, minibatch_metrics
 from ..model.sharding import gradient_sync, local_tensors, total_grad_norm
 from .diagnostics import OffPolicyStats
 from .micro_batches import sample_lengths
@@ -54,6 +56,11 @@ class UpdateSettings:
     track_mismatch: bool = False
     """Log the mismatch between the engine's log-probabilities and pi_old (an engine other than
     the training forward)."""
+    routing_replay: str = "none"
+    """MoE: "r2"/"r3" force the rollout's recorded routing in every update forward; "none" only
+    measures how often it changed (moe/routing_changed_frac)."""
+    router_aux_loss_coef: float = 0.0
+    """Weight of the routers' load-balancing loss added to the objective (0: not computed)."""
 
 
 @dataclass
@@ -64,6 +71,8 @@ class PolicyState:
     optimizer: Any
     scheduler: Any
     accelerator: Any
+    routing: MoERouting | None = None
+    """Hooks on a MoE policy's routers (None: a dense model, or routers sapo-rl does not know)."""
 
     @property
     def optimizer_steps(self) -> int:
@@ -165,6 +174,7 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
     own_streak = nonfinite is None
     nonfinite = NonFiniteSteps(settings.max_nonfinite_steps) if own_streak else nonfinite
     stats, off_policy = MetricMean(), OffPolicyStats(accelerator.device)
+    routing_stats = [RoutingStats() for _ in range(settings.num_minibatches)]  # summed over iterations
     grad_norms, losses, skipped = [], [], 0
     model.train()
     for iteration in range(settings.num_iterations):
@@ -180,13 +190,15 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
             # Held until the step is known to be finite, so that a skipped step's NaNs stay out of the logs.
             loss, added, log_ratios = 0.0, [], []
             bad_inputs = torch.zeros((), dtype=torch.long, device=accelerator.device)
+            local_tokens = float(mask_BT[minibatch].sum()) if settings.router_aux_loss_coef else 0.0
             for j, idx in enumerate(micro_batches):
                 sync = j == len(micro_batches) - 1
-                with gradient_sync(accelerator, model, sync):
+                call = _routing_call(state.routing, rollout, idx, settings, routing_stats[k])
+                with gradient_sync(accelerator, model, sync), _active(state.routing, call):
                     part = micro_batch(rollout, idx, forward)
                     logp_BT, entropy_BT = completion_logprobs(model, part.prompt_ids, part.prompt_mask,
                                                               part.completion_ids, part.completion_mask, forward,
-                                                              with_entropy=True)
+                                                              with_entropy=True, routing=call)
                     # With one minibatch and one pass the policy has not moved since the rollout:
                     # pi_old is pi_theta and its separate forward pass was skipped.
                     old_BT = logp_BT.detach() if part.old_logprobs is None else part.old_logprobs
@@ -204,6 +216,13 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
                                       ref_logprobs=part.ref_logprobs, importance_weights=weights_BT,
                                       denominator=denominator, check_finite=False)
                     out.metrics.update(mismatch)
+                    if settings.router_aux_loss_coef:
+                        # transformers' load-balancing loss of this micro-batch's tokens, weighted by its
+                        # share of the process's minibatch (DDP then averages the processes).
+                        aux = state.routing.aux_loss(call)
+                        out.loss = out.loss + settings.router_aux_loss_coef * aux * float(mask.sum()) / max(
+                            local_tokens, 1.0)
+                        out.metrics["moe/aux_loss"] = float(aux.detach())
                     accelerator.backward(out.loss)
                 tokens = float(mask.sum())
                 if k > 0 or iteration > 0:
@@ -252,6 +271,8 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
     # averages gradients), so the global minibatch's loss is the plain mean over processes.
     if losses:
         stats.add({"loss": sum(losses) / len(losses)}, 1.0)
+    if state.routing is not None:
+        stats.add(minibatch_metrics(routing_stats), 1.0)
     metrics = _across_processes(accelerator, stats).result()
     if "kl/mean" in metrics:
         metrics["kl"] = metrics.pop("kl/mean")
@@ -262,6 +283,21 @@ def policy_update(state: PolicyState, rollout: Rollout, advantages_B: Tensor, se
     off_policy.reduce(accelerator)
     metrics.update(off_policy.metrics())
     return UpdateResult(metrics, off_policy)
+
+
+def _routing_call(routing: MoERouting | None, rollout: Rollout, idx: list[int], settings: UpdateSettings,
+                  stats: RoutingStats) -> RoutingCall | None:
+    """A MoE policy's routing for one micro-batch: the rollout's recorded routing forced (r2, r3)
+    or compared with (none), the routers' logits kept for the load-balancing loss."""
+    if routing is None:
+        return None
+    mode = "replay" if settings.routing_replay != "none" else "compare"
+    return RoutingCall(mode, rollout.routing, torch.tensor(idx, device=rollout.completion_ids.device), stats=stats,
+                       collect_logits=settings.router_aux_loss_coef > 0)
+
+
+def _active(routing: MoERouting | None, call: RoutingCall | None):
+    return routing.active(call) if routing is not None else contextlib.nullcontext()
 
 
 def _mismatch(settings: UpdateSettings, old_BT: Tensor, rollout_BT: Tensor | None,
