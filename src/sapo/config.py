@@ -425,6 +425,7 @@ class TrainConfig:
                  "must be a finite number >= 0 (0: no load-balancing loss)")
         self._check_scaling()
         self._check_rollout_engine()
+        self._check_moe()
         _choice("dataset_format", self.dataset_format, ("trl", "gsm8k", "math"))
         for reporter in self.report_to:
             _choice("report_to", reporter, REPORTERS)
@@ -467,6 +468,27 @@ class TrainConfig:
         _require(self.dtype != "float16" or torch.cuda.is_available(), "dtype", self.dtype,
                  "needs a CUDA GPU (there is no float16 autocast on the CPU); use bfloat16 or float32")
         return self
+
+    def _check_moe(self) -> None:
+        """Replay or a balancing loss on a dense model: refused here, from its config.json, so that
+        `sapo compare` finds it before any arm runs (the trainer checks the routers themselves)."""
+        if self.routing_replay == "none" and not self.router_aux_loss_coef:
+            return
+        path = Path(str(self.model)) / "config.json"
+        if not path.is_file():
+            return
+        import json
+
+        try:
+            model_config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # the loader reports a broken config.json
+        if isinstance(model_config, dict) and not _moe_fields(model_config):
+            what = (f"routing_replay={self.routing_replay}" if self.routing_replay != "none"
+                    else "router_aux_loss_coef > 0")
+            kind = model_config.get("model_type", self.model)
+            raise ConfigError(f"{what}: {kind} is not a mixture-of-experts model; set routing_replay=none and "
+                              "router_aux_loss_coef=0, or use a MoE model (model=moe-tiny)")
 
     def _check_rollout_engine(self) -> None:
         _choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
@@ -524,6 +546,13 @@ class TrainConfig:
 def _require(ok: bool, name: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{name}={value!r} {why}")
+
+
+def _moe_fields(config: dict) -> bool:
+    """Whether a model's config.json (or its text config) describes a mixture of experts."""
+    names = ("num_experts", "num_local_experts", "n_routed_experts")
+    parts = [config, config.get("text_config") or {}]
+    return any(isinstance(c.get(n), int) and c.get(n) > 1 for c in parts for n in names)
 
 
 def _choice(name: str, value: Any, choices: Any) -> None:

@@ -249,3 +249,13 @@ def test_gradient_checkpointing_recomputes_with_the_replayed_routing():
     recomputed, again = one_update(model, rollout, update_settings(routing_replay="r2"), routing)
     assert all(torch.allclose(plain[k], recomputed[k], atol=1e-6) for k in plain)
     assert again["moe/routing_changed_frac"] == metrics["moe/routing_changed_frac"]  # counted once, not twice
+
+
+def test_a_dense_model_with_replay_is_refused_by_the_config_itself(workdir):
+    """So that `sapo compare` refuses such an arm before any arm trains."""
+    base = dict(model=str(workdir / "model"), dataset="arithmetic", reward_funcs=["arithmetic"])
+    with pytest.raises(ConfigError, match="routing_replay=r2: qwen2 is not a mixture-of-experts model"):
+        sapo.TrainConfig(**base, routing_replay="r2").validate()
+    with pytest.raises(ConfigError, match="router_aux_loss_coef > 0: qwen2 is not"):
+        sapo.TrainConfig(**base, router_aux_loss_coef=0.1).validate()
+    sapo.TrainConfig(**{**base, "model": "moe-tiny"}, routing_replay="r2").validate()
